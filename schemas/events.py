@@ -1,0 +1,81 @@
+"""Raw events as producers send them to `POST /v1/events` (DESIGN §4).
+
+The models validate shape and bounds only. Attribution rules (tag syntax,
+aliases, user-id rules) live in `ledger.tags`, because an invalid tag is
+recorded on the ledger row, not refused at the door.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EventKind = Literal["request", "usage", "completed"]
+
+MAX_BATCH_EVENTS = 1000
+MAX_ID_CHARS = 256
+MAX_HEADERS = 100
+MAX_HEADER_VALUE_CHARS = 8192
+MAX_METADATA_KEYS = 200
+
+_ID_PATTERN = r"^[A-Za-z0-9._:\-/]+$"
+
+
+class RawEvent(BaseModel):
+    """One producer event: a request, its usage, or both at once (`completed`)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    kind: EventKind
+    request_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN)
+    event_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS, pattern=_ID_PATTERN)
+    occurred_at: datetime | None = None
+    received_at: datetime | None = None
+    model: str | None = Field(default=None, max_length=256)
+    provider: str | None = Field(default=None, max_length=128)
+    headers: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | int | None = None
+    body: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    latency_ms: float | None = Field(default=None, ge=0, le=86_400_000)
+    status: str | None = Field(default=None, max_length=64)
+    http_status: int | None = Field(default=None, ge=100, le=599)
+    reported_cost_usd: Decimal | None = Field(default=None, ge=0, max_digits=30, decimal_places=12)
+
+    @field_validator("occurred_at", "received_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("timestamp must carry a time zone, e.g. 2026-11-22T10:00:00Z")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_bounded(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers")
+        for name, header_value in value.items():
+            if len(header_value) > MAX_HEADER_VALUE_CHARS:
+                raise ValueError(f"header {name!r} is longer than {MAX_HEADER_VALUE_CHARS} characters")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"metadata has more than {MAX_METADATA_KEYS} keys")
+        return value
+
+
+class EventBatch(BaseModel):
+    """`{"events": [...]}`: up to MAX_BATCH_EVENTS events in one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[RawEvent] = Field(min_length=1, max_length=MAX_BATCH_EVENTS)
