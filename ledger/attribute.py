@@ -86,11 +86,11 @@ class Attributor:
             input_cost_usd=price.input_cost_usd,
             output_cost_usd=price.output_cost_usd,
             reported_cost_usd=reported_cost,
-            price_source=price.price_source,  # type: ignore[arg-type]
+            price_source=price.price_source,
             status=status,
             http_status=billing.get("http_status"),
             latency_ms=round(latency) if latency is not None else None,
-            join_kind=call.join_kind,  # type: ignore[arg-type]
+            join_kind=call.join_kind,
         )
 
 

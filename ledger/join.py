@@ -109,7 +109,9 @@ def on_tick(state: PendingCall, *, now_ms: int, timeouts: JoinTimeouts) -> JoinS
         return JoinStep(state)
     if state.request is not None and age >= timeouts.request_timeout_ms:
         request_id = state.request["request_id"]
-        return JoinStep(_done(state, now_ms), [JoinedCall(request_id, "request_only", request=state.request)], True)
+        return JoinStep(
+            _done(state, now_ms), [JoinedCall(request_id, "request_only", request=state.request)], True
+        )
     if state.usage is not None and state.request is None and age >= timeouts.usage_wait_ms:
         request_id = state.usage["request_id"]
         return JoinStep(_done(state, now_ms), [JoinedCall(request_id, "usage_only", usage=state.usage)], True)

@@ -276,4 +276,3 @@ def _parse_time(raw: str, key: str) -> datetime:
         return datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError as exc:
         raise PriceFileError(f"{key} is not an ISO-8601 time: {raw!r}") from exc
-

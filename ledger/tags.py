@@ -167,7 +167,9 @@ class _Builder:
         self.out = Attribution()
 
     def invalid(self, reason: str, raw: str) -> None:
-        self.out.invalid.append(f"{reason}|{raw[: self.policy.max_key_chars + self.policy.max_value_chars + 1]}")
+        self.out.invalid.append(
+            f"{reason}|{raw[: self.policy.max_key_chars + self.policy.max_value_chars + 1]}"
+        )
 
     def _clean_value(self, dim_or_key: str, value: Any) -> str | None:
         """Validate a tag value; returns None (and records why) when invalid."""

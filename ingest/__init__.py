@@ -1,0 +1,1 @@
+"""HTTP ingest: events in, SQL out; Kafka publisher."""

@@ -1,0 +1,290 @@
+"""The HTTP API: events in, SQL out, health and metrics (DESIGN §4, §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+
+from ingest.errors import (
+    ApiError,
+    BrokerUnavailableError,
+    Forbidden,
+    InvalidEvent,
+    InvalidJson,
+    PayloadTooLarge,
+    StorageUnavailableError,
+    Unauthenticated,
+    error_body,
+    status_for,
+)
+from ingest.events import sanitize
+from ingest.publisher import EventPublisher
+from ingest.sql import QueryEngine, QueryLimits
+from ledger.errors import UsageError
+from ledger.usage import parse_usage
+from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent
+from spendledger.errors import BrokerUnavailable
+from spendledger.settings import Settings, key_matches
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["producer", "admin"]
+
+
+class AcceptedResponse(BaseModel):
+    accepted: int
+    event_ids: list[str]
+
+
+class SqlRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=100_000)
+
+
+class SqlResponse(BaseModel):
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+class Metrics:
+    """Prometheus metrics of one API instance (own registry, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events_accepted = Counter(
+            "spendledger_events_accepted", "Events acknowledged by Kafka", ["kind"], registry=self.registry
+        )
+        self.requests_rejected = Counter(
+            "spendledger_api_errors", "API requests answered with an error", ["code"], registry=self.registry
+        )
+        self.publish_seconds = Histogram(
+            "spendledger_publish_seconds",
+            "Time from receipt to Kafka acknowledgement",
+            registry=self.registry,
+        )
+        self.sql_seconds = Histogram("spendledger_sql_seconds", "SQL query time", registry=self.registry)
+
+
+@dataclass
+class Services:
+    """What the API needs from the outside world; swapped for twins in tests."""
+
+    settings: Settings
+    publisher: EventPublisher
+    queries: QueryEngine | None = None
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+def create_app(services: Services) -> FastAPI:
+    settings = services.settings
+    producer_keys = settings.producer_key_list()
+    admin_keys = settings.admin_key_list()
+    limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
+    metrics = services.metrics
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for close in reversed(services.on_shutdown):
+            close()
+        services.publisher.close()
+
+    app = FastAPI(
+        title="Spend ledger API",
+        version="0.1.0",
+        description="Events in (202 after Kafka acknowledged), read-only SQL out. Errors: "
+        '`{"error": {"code", "message", "details"}}`.',
+        lifespan=lifespan,
+    )
+
+    def authorize(request: Request) -> Scope:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
+        token = token.strip()
+        if key_matches(token, admin_keys):
+            return "admin"
+        if key_matches(token, producer_keys):
+            return "producer"
+        raise Unauthenticated("unknown API key")
+
+    def require_admin(scope: Annotated[Scope, Depends(authorize)]) -> Scope:
+        if scope != "admin":
+            raise Forbidden("this endpoint needs an admin key")
+        return scope
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.requests_rejected.labels(exc.code).inc()
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_for(exc), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.requests_rejected.labels(InvalidEvent.code).inc()
+        details = [_error_detail(e) for e in exc.errors()]
+        return JSONResponse(error_body("invalid_request", "the request breaks the schema", details), 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", extra={"error_type": type(exc).__name__})
+        metrics.requests_rejected.labels("internal_error").inc()
+        return JSONResponse(error_body("internal_error", "unexpected error; it has been logged"), 500)
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=AcceptedResponse,
+        responses={413: {}, 422: {}, 503: {}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/RawEvent"},
+                                {"$ref": "#/components/schemas/EventBatch"},
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def post_events(request: Request, _: Annotated[Scope, Depends(authorize)]) -> AcceptedResponse:
+        """One event, or `{"events": [...]}` (up to 1000). 202 only after Kafka acknowledged every event."""
+        started = time.perf_counter()
+        events = _parse_events(await _read_body(request, settings.max_body_bytes))
+        received_at = datetime.now(UTC)
+        published = [sanitize(e, received_at=received_at) for e in events]
+        messages = [(p["request_id"].encode(), orjson.dumps(p)) for p in published]
+        try:
+            await services.publisher.publish(settings.topics.raw, messages)
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailableError(
+                f"{exc}; nothing was acknowledged, retry with the same event ids",
+                {"event_ids": [p["event_id"] for p in published]},
+                retry_after_s=settings.retry_after_s,
+            ) from exc
+        metrics.publish_seconds.observe(time.perf_counter() - started)
+        for p in published:
+            metrics.events_accepted.labels(p["kind"]).inc()
+        return AcceptedResponse(accepted=len(published), event_ids=[p["event_id"] for p in published])
+
+    @app.post("/v1/sql", response_model=SqlResponse)
+    async def post_sql(body: SqlRequest, _: Annotated[Scope, Depends(require_admin)]) -> SqlResponse:
+        """Read-only ClickHouse SQL over the ledger, with row, time and memory limits."""
+        if services.queries is None:
+            raise StorageUnavailableError("this API instance has no ClickHouse connection")
+        started = time.perf_counter()
+        result = await asyncio.to_thread(services.queries.query, body.query, limits)
+        metrics.sql_seconds.observe(time.perf_counter() - started)
+        return SqlResponse(columns=result.columns, rows=result.rows)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: Kafka and ClickHouse reachable."""
+        kafka = await services.publisher.ready()
+        clickhouse = services.queries is not None and await asyncio.to_thread(services.queries.ping)
+        ready = kafka and clickhouse
+        body = {"status": "ready" if ready else "not_ready", "kafka": kafka, "clickhouse": clickhouse}
+        return JSONResponse(body, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # Make RawEvent and EventBatch appear in the OpenAPI components for the oneOf above.
+    app.openapi_schema = None
+    _register_models(app, [RawEvent, EventBatch])
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes", {"limit_bytes": limit})
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes", {"limit_bytes": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_events(body: bytes) -> list[RawEvent]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from exc
+    try:
+        if isinstance(data, dict) and "events" in data:
+            events = EventBatch.model_validate(data).events
+        elif isinstance(data, dict):
+            events = [RawEvent.model_validate(data)]
+        else:
+            raise InvalidEvent(
+                f'send one event object or {{"events": [...]}} with up to {MAX_BATCH_EVENTS} events'
+            )
+    except ValidationError as exc:
+        details = [_error_detail(e) for e in exc.errors()]
+        raise InvalidEvent(
+            f"{len(details)} problem(s) in the events; nothing was published", details
+        ) from exc
+    problems = []
+    for index, event in enumerate(events):
+        if event.kind == "usage" and event.usage is None:
+            problems.append({"loc": ["events", index, "usage"], "msg": "a usage event needs a usage object"})
+        try:
+            parse_usage(event.usage)
+        except UsageError as exc:
+            problems.append({"loc": ["events", index, "usage"], "msg": str(exc)})
+    if problems:
+        raise InvalidEvent(f"{len(problems)} problem(s) in the events; nothing was published", problems)
+    return events
+
+
+def _error_detail(error: Any) -> dict[str, Any]:
+    # Never echo the input back: it may hold a credential the producer sent by mistake.
+    return {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+
+
+def _register_models(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in model_schema.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components.setdefault(model.__name__, model_schema)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

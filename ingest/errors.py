@@ -1,0 +1,95 @@
+"""API errors: one hierarchy, each with a stable code; mapped to HTTP status in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """Root of the errors the API answers with `{"error": {"code", "message", "details"}}`."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, details: Any = None, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.retry_after_s = retry_after_s
+
+
+class InvalidJson(ApiError):
+    """The body is not JSON."""
+
+    code = "invalid_json"
+
+
+class InvalidEvent(ApiError):
+    """The body is JSON but breaks the event schema."""
+
+    code = "invalid_event"
+
+
+class InvalidQuery(ApiError):
+    """A SQL query that is not a single read-only statement, or that ClickHouse refused."""
+
+    code = "invalid_query"
+
+
+class Unauthenticated(ApiError):
+    """No API key, or an unknown one."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(ApiError):
+    """A valid key without the scope this endpoint needs."""
+
+    code = "forbidden"
+
+
+class PayloadTooLarge(ApiError):
+    """The body exceeds the size limit."""
+
+    code = "payload_too_large"
+
+
+class QueryLimitExceeded(ApiError):
+    """A query hit its row, time or memory limit."""
+
+    code = "query_limit_exceeded"
+
+
+class BrokerUnavailableError(ApiError):
+    """Kafka did not acknowledge: nothing is acknowledged, retry with the same event ids."""
+
+    code = "broker_unavailable"
+
+
+class StorageUnavailableError(ApiError):
+    """ClickHouse cannot be reached."""
+
+    code = "storage_unavailable"
+
+
+HTTP_STATUS: dict[type[ApiError], int] = {
+    InvalidJson: 400,
+    InvalidEvent: 422,
+    InvalidQuery: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    PayloadTooLarge: 413,
+    QueryLimitExceeded: 422,
+    BrokerUnavailableError: 503,
+    StorageUnavailableError: 503,
+}
+
+
+def status_for(error: ApiError) -> int:
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}

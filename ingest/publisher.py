@@ -1,0 +1,121 @@
+"""Publishing accepted events to Kafka: the one I/O seam of ingest, with an in-memory twin."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from spendledger.errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+Message = tuple[bytes, bytes]  # (key, value)
+
+
+class EventPublisher(Protocol):
+    """Publishes messages to a topic and returns only once every one is acknowledged."""
+
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class InMemoryPublisher:
+    """Keeps published messages in a list; `fail_with` simulates an unavailable broker."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.fail_with: Exception | None = None
+
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.extend((topic, key, value) for key, value in messages)
+
+    async def ready(self) -> bool:
+        return self.fail_with is None
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaPublisher:
+    """confluent-kafka producer: idempotent, acks=all; a background thread serves delivery reports."""
+
+    def __init__(self, config: dict[str, Any], *, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._config = config
+        self._producer = Producer(
+            {
+                **config,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "message.timeout.ms": int(timeout_s * 1000),
+                "socket.timeout.ms": max(1000, int(timeout_s * 1000)),
+                "queue.buffering.max.messages": 500_000,
+                "logger": logging.getLogger("confluent_kafka.producer"),
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+
+        def on_delivery(future: asyncio.Future[None]) -> Any:
+            def callback(err: KafkaError | None, _msg: Any) -> None:
+                loop.call_soon_threadsafe(_settle, future, err)
+
+            return callback
+
+        try:
+            for key, value in messages:
+                future: asyncio.Future[None] = loop.create_future()
+                futures.append(future)
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery(future))
+        except (BufferError, KafkaException) as exc:
+            for future in futures:
+                future.cancel()
+            raise BrokerUnavailable(f"could not queue events for Kafka: {exc}") from exc
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s + 2)
+        except TimeoutError as exc:
+            raise BrokerUnavailable("Kafka did not acknowledge in time") from exc
+
+    async def ready(self) -> bool:
+        def probe() -> bool:
+            try:
+                self._producer.list_topics(timeout=2.0)
+                return True
+            except KafkaException:
+                return False
+
+        return await asyncio.to_thread(probe)
+
+    def close(self) -> None:
+        self._producer.flush(self._timeout_s)
+        self._stop.set()
+        self._poller.join(timeout=2)
+
+
+def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
+    if future.done():
+        return
+    if err is None:
+        future.set_result(None)
+    else:
+        future.set_exception(BrokerUnavailable(f"Kafka did not acknowledge: {err.str()}"))

@@ -1,0 +1,126 @@
+"""Read-only SQL for analysts: one statement, read-only, bounded in rows, time and memory."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Protocol
+from uuid import UUID
+
+from ingest.errors import InvalidQuery, QueryLimitExceeded, StorageUnavailableError
+
+READ_ONLY_KEYWORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
+_LEADING_COMMENTS = re.compile(r"^(\s+|--[^\n]*\n?|/\*.*?\*/)+", re.DOTALL)
+# ClickHouse error codes that mean "a limit was hit".
+_LIMIT_CODES = {"158", "159", "160", "241", "396"}
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    max_rows: int
+    max_seconds: int
+    max_memory_bytes: int
+
+    def settings(self) -> dict[str, str]:
+        # readonly=1 also refuses table functions (file, url, remote, s3 …).
+        return {
+            "readonly": "1",
+            "max_result_rows": str(self.max_rows),
+            "result_overflow_mode": "throw",
+            "max_execution_time": str(self.max_seconds),
+            "max_memory_usage": str(self.max_memory_bytes),
+        }
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def check_read_only(sql: str) -> str:
+    """Return the statement without a trailing `;`, or raise InvalidQuery for anything but one read."""
+    stripped = _LEADING_COMMENTS.sub("", sql).strip()
+    while stripped.endswith(";"):
+        stripped = stripped[:-1].rstrip()
+    if not stripped:
+        raise InvalidQuery("the query is empty")
+    if ";" in _without_literals(stripped):
+        raise InvalidQuery("only one statement is allowed")
+    first = stripped.split(None, 1)[0].upper()
+    if first not in READ_ONLY_KEYWORDS:
+        raise InvalidQuery(
+            f"only read-only queries are allowed ({', '.join(READ_ONLY_KEYWORDS)}); got {first}",
+            {"allowed": list(READ_ONLY_KEYWORDS)},
+        )
+    if re.search(r"\bFORMAT\s+\w+\s*$", _without_literals(stripped), re.IGNORECASE):
+        raise InvalidQuery("FORMAT is chosen by the API; remove the FORMAT clause")
+    return stripped
+
+
+def _without_literals(sql: str) -> str:
+    return re.sub(r"'(?:[^'\\]|\\.)*'", "''", sql)
+
+
+def to_json_value(value: Any) -> Any:
+    """Exact JSON for ClickHouse values: Decimal as a string, times ISO-8601 in UTC."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, (UUID, IPv4Address, IPv6Address)):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v) for v in value]
+    return str(value)
+
+
+class QueryEngine(Protocol):
+    def query(self, sql: str, limits: QueryLimits) -> QueryResult: ...
+
+    def ping(self) -> bool: ...
+
+
+class ClickHouseQueryEngine:
+    """Runs checked read-only queries with a client of its own (never the sink's)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def query(self, sql: str, limits: QueryLimits) -> QueryResult:
+        statement = check_read_only(sql)
+        try:
+            # Settings ride as a SETTINGS clause on this one query; they never stick to the session.
+            result = self._client.query(statement, settings=limits.settings())
+        except Exception as exc:
+            raise _translate(exc) from exc
+        rows = [[to_json_value(v) for v in row] for row in result.result_rows]
+        return QueryResult(columns=list(result.column_names), rows=rows)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except Exception:  # any failure means "not reachable"
+            return False
+
+
+def _translate(exc: Exception) -> Exception:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    match = re.search(r"Code: (\d+)", message)
+    code = match.group(1) if match else ""
+    if code in _LIMIT_CODES:
+        return QueryLimitExceeded(message)
+    if code:
+        return InvalidQuery(message)
+    return StorageUnavailableError(f"ClickHouse query failed: {message}")

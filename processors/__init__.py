@@ -1,0 +1,1 @@
+"""Faust agents (join, attribute) and the ClickHouse sink."""

@@ -1,0 +1,17 @@
+"""Prometheus metrics of the worker and the sink (default registry: one process each)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_IN = Counter("spendledger_worker_events", "Raw events read by the join agent", ["kind"])
+CALLS_JOINED = Counter("spendledger_worker_calls", "Calls emitted by the join agent", ["join_kind"])
+DUPLICATES = Counter("spendledger_worker_duplicates", "Raw events ignored as duplicates of a joined call")
+RECORDS_OUT = Counter("spendledger_worker_records", "Attributed records produced", ["price_source"])
+INVALID_TAGS = Counter("spendledger_worker_invalid_tags", "Invalid attribution inputs recorded", ["reason"])
+DEAD_LETTERS = Counter("spendledger_dead_letters", "Messages sent to the dead-letter topic", ["stage"])
+PENDING_CALLS = Gauge("spendledger_worker_pending_calls", "Calls waiting for their partner event")
+BATCH_SECONDS = Histogram("spendledger_worker_batch_seconds", "Time to process one batch", ["agent"])
+
+SINK_ROWS = Counter("spendledger_sink_rows", "Rows landed in ClickHouse", ["table"])
+SINK_SKIPPED = Counter("spendledger_sink_skipped", "Messages skipped as already landed", ["why"])
+SINK_FLUSH_SECONDS = Histogram("spendledger_sink_flush_seconds", "Time to land one batch")
+SINK_FLUSH_ERRORS = Counter("spendledger_sink_flush_errors", "Failed flushes (retried)")

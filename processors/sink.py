@@ -1,0 +1,268 @@
+"""The sink: spend.attributed and spend.dead-letter -> ClickHouse, each message landing once.
+
+Order of one flush, and what a crash at each point leaves (DESIGN §9):
+
+1. Skip messages below the landed offset of their partition (kept in
+   `sink_offsets`): a batch replayed after a crash between step 4 and step 6.
+2. Decode. A message that does not decode becomes a `spend_rejects` row with
+   the reason; it never stops the sink.
+3. Drop records whose event_id is already in `spend_records`, or repeated in
+   the batch: the worker re-emits calls after its own crash (at new offsets).
+4. INSERT records and rejects. Crash after this -> on restart the offsets in
+   ClickHouse and Kafka are both old; the replay is removed by steps 1 and 3.
+5. INSERT the next offsets into `sink_offsets`. Crash after this -> Kafka's
+   committed offset is old, but on assignment we seek to ClickHouse's.
+6. Commit the offsets to Kafka. A failure here is harmless for the same reason.
+
+A failed INSERT (ClickHouse down) leaves the batch in memory and is retried
+with backoff; nothing is committed until it lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from pydantic import ValidationError
+
+from processors import metrics
+from processors.deadletter import describe
+from schemas.records import AttributedRecord, Reject
+from spendledger.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS: list[str] = list(AttributedRecord.model_fields)
+REJECT_COLUMNS: list[str] = list(Reject.model_fields)
+TopicPartitionKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Message:
+    """The parts of a Kafka message the sink uses (so the flush logic is testable without Kafka)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+@dataclass
+class Landing:
+    """What one flush writes."""
+
+    records: list[AttributedRecord] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
+    replayed: int = 0
+    duplicates: int = 0
+
+    def token(self, group: str) -> str:
+        """Deterministic id of this landing, for ClickHouse's insert deduplication."""
+        spans = ",".join(f"{t}/{p}:{o}" for (t, p), o in sorted(self.next_offsets.items()))
+        return hashlib.sha256(f"{group}|{spans}".encode()).hexdigest()
+
+
+class LedgerStore(Protocol):
+    """Where the sink lands rows; ClickHouse in production, a dict in unit tests."""
+
+    def landed_offsets(self, group: str) -> dict[TopicPartitionKey, int]: ...
+
+    def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]: ...
+
+    def land(self, landing: Landing, group: str) -> None: ...
+
+
+def plan_landing(
+    messages: Iterable[Message],
+    *,
+    attributed_topic: str,
+    landed: dict[TopicPartitionKey, int],
+    store: LedgerStore,
+) -> Landing:
+    """Steps 1-3 of the flush: what to write for these messages."""
+    landing = Landing()
+    candidates: dict[str, AttributedRecord] = {}
+    for message in messages:
+        tp = (message.topic, message.partition)
+        if message.offset < landed.get(tp, -1):
+            landing.replayed += 1
+            continue
+        landing.next_offsets[tp] = max(landing.next_offsets.get(tp, 0), message.offset + 1)
+        try:
+            if message.value is None:
+                raise ValueError("message has no value")
+            if message.topic == attributed_topic:
+                record = AttributedRecord.model_validate_json(message.value)
+                if record.event_id in candidates:
+                    landing.duplicates += 1
+                else:
+                    candidates[record.event_id] = record
+            else:
+                landing.rejects.append(Reject.model_validate_json(message.value))
+        except (ValidationError, ValueError) as exc:
+            landing.rejects.append(
+                Reject(
+                    source_topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    reason=f"sink cannot decode: {describe(exc)}",
+                    payload=(message.value or b"").decode("utf-8", "replace")[:65_536],
+                    rejected_at=datetime.now().astimezone(),
+                )
+            )
+    if candidates:
+        times = [r.occurred_at for r in candidates.values()]
+        existing = store.existing_event_ids(list(candidates), min(times), max(times))
+        landing.duplicates += len(existing)
+        landing.records = [r for event_id, r in candidates.items() if event_id not in existing]
+    return landing
+
+
+class ClickHouseStore:
+    """LedgerStore on ClickHouse (server or chDB) through clickhouse-connect."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def landed_offsets(self, group: str) -> dict[TopicPartitionKey, int]:
+        result = self._client.query(
+            "SELECT topic, partition, max(next_offset) FROM sink_offsets "
+            "WHERE consumer_group = %(group)s GROUP BY topic, partition",
+            parameters={"group": group},
+        )
+        return {(topic, int(partition)): int(offset) for topic, partition, offset in result.result_rows}
+
+    def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]:
+        result = self._client.query(
+            "SELECT event_id FROM spend_records WHERE occurred_at >= %(start)s AND occurred_at <= %(end)s "
+            "AND event_id IN %(ids)s",
+            parameters={"ids": tuple(event_ids), "start": start, "end": end},
+        )
+        return {row[0] for row in result.result_rows}
+
+    def land(self, landing: Landing, group: str) -> None:
+        token = landing.token(group)
+        if landing.records:
+            rows = [[getattr(r, c) for c in RECORD_COLUMNS] for r in landing.records]
+            self._insert("spend_records", rows, RECORD_COLUMNS, f"{token}:records")
+        if landing.rejects:
+            rows = [[getattr(r, c) for c in REJECT_COLUMNS] for r in landing.rejects]
+            self._insert("spend_rejects", rows, REJECT_COLUMNS, f"{token}:rejects")
+        if landing.next_offsets:
+            rows = [[group, t, p, o] for (t, p), o in landing.next_offsets.items()]
+            self._client.insert(
+                "sink_offsets", rows, column_names=["consumer_group", "topic", "partition", "next_offset"]
+            )
+
+    def _insert(self, table: str, rows: list[list[Any]], columns: list[str], token: str) -> None:
+        self._client.insert(table, rows, column_names=columns, settings={"insert_deduplication_token": token})
+
+
+class Sink:
+    """Consumes spend.attributed and spend.dead-letter and lands them (see the module docstring)."""
+
+    def __init__(self, settings: Settings, store: LedgerStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.group = f"{settings.topic_prefix}spendledger-sink"
+        self.topics = [settings.topics.attributed, settings.topics.dead_letter]
+        self._landed: dict[TopicPartitionKey, int] = {}
+        self._stop = threading.Event()
+        self.healthy = True
+        self.last_flush_at: float | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._landed = self.store.landed_offsets(self.group)
+        for tp in partitions:
+            landed = self._landed.get((tp.topic, tp.partition))
+            if landed is not None:
+                tp.offset = landed
+        consumer.assign(partitions)
+
+    def run(self) -> None:
+        """Consume and land until `stop()`."""
+        consumer = Consumer(
+            self.settings.kafka_config(
+                **{
+                    "group.id": self.group,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "session.timeout.ms": int(self.settings.broker_session_timeout_s * 1000),
+                    "heartbeat.interval.ms": int(self.settings.broker_heartbeat_interval_s * 1000),
+                    "logger": logging.getLogger("confluent_kafka.sink"),
+                }
+            )
+        )
+        consumer.subscribe(self.topics, on_assign=self._on_assign)
+        buffer: list[Any] = []
+        first_at = 0.0
+        try:
+            while not self._stop.is_set():
+                batch = consumer.consume(
+                    self.settings.sink_batch_max, timeout=self.settings.sink_flush_interval_s
+                )
+                for msg in batch:
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            log.warning("kafka consume error", extra={"error": error.str()})
+                        continue
+                    if not buffer:
+                        first_at = time.monotonic()
+                    buffer.append(msg)
+                due = time.monotonic() - first_at >= self.settings.sink_flush_interval_s
+                if buffer and (len(buffer) >= self.settings.sink_batch_max or due):
+                    self._flush_with_retry(consumer, buffer)
+                    buffer = []
+            if buffer:
+                self._flush_with_retry(consumer, buffer)
+        finally:
+            consumer.close()
+
+    def _flush_with_retry(self, consumer: Any, buffer: list[Any]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self.flush(
+                    consumer, [Message(m.topic(), m.partition(), m.offset(), m.value()) for m in buffer]
+                )
+                self.healthy = True
+                return
+            except Exception as exc:  # ClickHouse errors come in many types; retry them all
+                metrics.SINK_FLUSH_ERRORS.inc()
+                self.healthy = False
+                log.error("sink flush failed; retrying", extra={"error": describe(exc), "retry_in_s": delay})
+                if self._stop.wait(delay):
+                    return  # unlanded and uncommitted: the next owner replays it
+                delay = min(delay * 2, 10.0)
+
+    def flush(self, consumer: Any, messages: list[Message]) -> None:
+        started = time.perf_counter()
+        landing = plan_landing(
+            messages, attributed_topic=self.settings.topics.attributed, landed=self._landed, store=self.store
+        )
+        self.store.land(landing, self.group)
+        self._landed.update(landing.next_offsets)
+        if landing.next_offsets:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in landing.next_offsets.items()]
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except Exception as exc:  # harmless: ClickHouse holds the landed offsets
+                log.warning("kafka commit failed", extra={"error": describe(exc)})
+        metrics.SINK_ROWS.labels("spend_records").inc(len(landing.records))
+        metrics.SINK_ROWS.labels("spend_rejects").inc(len(landing.rejects))
+        metrics.SINK_SKIPPED.labels("replayed_offset").inc(landing.replayed)
+        metrics.SINK_SKIPPED.labels("duplicate_event_id").inc(landing.duplicates)
+        metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
+        self.last_flush_at = time.time()

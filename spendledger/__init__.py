@@ -1,0 +1,1 @@
+"""Process layer: settings, CLI, the embedded system, connections."""

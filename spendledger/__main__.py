@@ -1,0 +1,5 @@
+import sys
+
+from spendledger.cli import main
+
+sys.exit(main())

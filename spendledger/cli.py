@@ -1,0 +1,210 @@
+"""`spendledger`: up | sql | api | worker | sink | migrate (DESIGN §10)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from spendledger.errors import SpendLedgerError
+from spendledger.settings import Settings
+
+DEFAULT_DATA_DIR = Path(".spendledger")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spendledger", description="Spend ledger for AI API usage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the embedded system (broker, worker, API, sink) in the foreground")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--kafka-port", type=int, default=19092)
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+    sql = sub.add_parser("sql", help="run a read-only ClickHouse query")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.add_argument(
+        "--api-url", default=None, help="API to query through (default: the local one if running)"
+    )
+    sql.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+    for name, text in (
+        ("api", "serve the HTTP API"),
+        ("worker", "run a Faust worker"),
+        ("sink", "land attributed records in ClickHouse"),
+        ("migrate", "apply the ClickHouse DDL"),
+    ):
+        sub.add_parser(name, help=text)
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+
+    from spendledger.logs import configure
+
+    configure(settings.log_level)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "sql":
+            return cmd_sql(args, settings)
+        if args.command == "api":
+            from spendledger.services import run_api
+
+            run_api(settings)
+        elif args.command == "worker":
+            from processors.app import run_worker
+
+            run_worker(settings)
+        elif args.command == "sink":
+            from spendledger.services import run_sink
+
+            run_sink(settings)
+        elif args.command == "migrate":
+            from spendledger.clickhouse import connect, migrate
+
+            for name in migrate(connect(settings)):
+                print(f"applied {name}")
+    except SpendLedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from spendledger.embedded import EmbeddedSystem
+
+    system = EmbeddedSystem(
+        data_dir=args.data_dir, host=args.host, port=args.port, kafka_port=args.kafka_port, say=_say
+    )
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        system.start()
+    except SpendLedgerError as exc:
+        _say(f"error: {exc}")
+        system.stop()
+        return 1
+    bootstrap = system.child_env["SPENDLEDGER_KAFKA_BOOTSTRAP"]
+    _say(f"API:        {system.api_url}  (docs at {system.api_url}/docs)")
+    _say(f"Kafka:      {bootstrap}")
+    _say(f"ClickHouse: {system.child_env['SPENDLEDGER_CLICKHOUSE_DSN']}")
+    _say(f"Logs:       {system.log_dir}/")
+    _say(f"ready in {time.monotonic() - started:.1f}s; Ctrl-C to stop")
+    exit_code = 0
+    while not stopping:
+        dead = system.exited_child()
+        if dead is not None:
+            _say(f"error: the {dead} exited; see {system.log_dir}/{dead}.log. Stopping.")
+            exit_code = 1
+            break
+        time.sleep(0.5)
+    _say("stopping…")
+    system.stop()
+    _say("stopped")
+    return exit_code
+
+
+def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
+    """Through the running API in embedded mode (chDB allows one process), else straight to ClickHouse."""
+    api_url = args.api_url or settings.api_url or f"http://{settings.api_host}:{settings.api_port}"
+    columns: list[str]
+    rows: list[list[Any]]
+    if args.api_url or settings.api_url or settings.is_embedded_clickhouse and _reachable(api_url):
+        key = (settings.admin_key_list() or [_dev_admin_key(args.data_dir)])[0]
+        response = httpx.post(
+            f"{api_url}/v1/sql",
+            json={"query": args.query},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+        body = response.json()
+        if response.status_code != 200:
+            error = body.get("error", {})
+            print(f"error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+            return 1
+        columns, rows = body["columns"], body["rows"]
+    else:
+        from ingest.errors import ApiError
+        from ingest.sql import ClickHouseQueryEngine, QueryLimits
+        from spendledger.clickhouse import connect
+
+        engine = ClickHouseQueryEngine(connect(settings, create_database=False))
+        limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
+        try:
+            result = engine.query(args.query, limits)
+        except ApiError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        columns, rows = result.columns, result.rows
+    print(render(columns, rows, args.format))
+    return 0
+
+
+def render(columns: list[str], rows: list[list[Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), line]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _reachable(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/healthz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _dev_admin_key(data_dir: Path) -> str:
+    path = data_dir / "dev-keys.json"
+    if not path.exists():
+        raise SpendLedgerError("no admin key: set SPENDLEDGER_ADMIN_KEYS (or run from the directory of `up`)")
+    return str(json.loads(path.read_text())["admin"])
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The embedded system: broker, topics, Faust worker, API (+ sink) as child processes.
+
+Used by `spendledger up` and by the integration tests, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from spendledger.errors import StartupError
+from spendledger.kafka import ensure_topics, port_open, start_tansu
+from spendledger.settings import Settings
+
+ENV = "SPENDLEDGER_"
+DEV_KEYS_FILE = "dev-keys.json"
+
+
+@dataclass
+class EmbeddedSystem:
+    """Starts and stops the whole system on this machine."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    kafka_port: int = 19092
+    worker_port: int = 0
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    say: Callable[[str], None] = print
+    startup_timeout_s: float = 90.0
+
+    broker: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+    child_env: dict[str, str] = field(default_factory=dict, init=False)
+    producer_key: str = field(default="", init=False)
+    admin_key: str = field(default="", init=False)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        env = dict(self.env)
+        self._keys(env)
+        if not env.get(f"{ENV}KAFKA_BOOTSTRAP"):
+            self._step(f"starting the embedded Kafka broker (Tansu) on {self.host}:{self.kafka_port}")
+            self.broker = start_tansu(self.host, self.kafka_port, self.log_dir / "broker.log")
+            env[f"{ENV}KAFKA_BOOTSTRAP"] = f"{self.host}:{self.kafka_port}"
+        env.setdefault(f"{ENV}CLICKHOUSE_DSN", f"chdb://{(self.data_dir / 'clickhouse').resolve()}")
+        env[f"{ENV}EMBEDDED_SINK"] = "true"
+        env[f"{ENV}API_HOST"] = self.host
+        env[f"{ENV}API_PORT"] = str(self.port)
+        if self.worker_port == 0:
+            self.worker_port = _free_port(self.host)
+        env[f"{ENV}WORKER_WEB_PORT"] = str(self.worker_port)
+        self.child_env = env
+        settings = Settings.model_validate(_settings_from(env))
+
+        self._step("creating topics")
+        created = ensure_topics(settings)
+        self.say(f"    {len(created)} created, {len(settings.topics.all()) - len(created)} already there")
+
+        if port_open(self.host, self.port):
+            raise StartupError(f"port {self.port} on {self.host} is already in use; pick another with --port")
+        self._step("starting the Faust worker")
+        self._spawn("worker")
+        self._step("starting the API and the sink (migrating ClickHouse)")
+        self._spawn("api")
+        self._wait_ready()
+
+    def _keys(self, env: dict[str, str]) -> None:
+        """Use the configured keys, or generate dev keys once and keep them in the data dir."""
+        producer = env.get(f"{ENV}PRODUCER_KEYS", "")
+        admin = env.get(f"{ENV}ADMIN_KEYS", "")
+        if not producer or not admin:
+            path = self.data_dir / DEV_KEYS_FILE
+            if path.exists():
+                keys = json.loads(path.read_text())
+            else:
+                keys = {
+                    "producer": "sl_prod_" + secrets.token_urlsafe(24),
+                    "admin": "sl_admin_" + secrets.token_urlsafe(24),
+                }
+                path.write_text(json.dumps(keys))
+                path.chmod(0o600)
+            producer = producer or keys["producer"]
+            admin = admin or keys["admin"]
+            env[f"{ENV}PRODUCER_KEYS"] = producer
+            env[f"{ENV}ADMIN_KEYS"] = admin
+            self.say(f"    dev keys (kept in {path}):")
+            self.say(f"      producer key: {producer.split(',')[0]}")
+            self.say(f"      admin key:    {admin.split(',')[0]}")
+        self.producer_key = producer.split(",")[0]
+        self.admin_key = admin.split(",")[0]
+
+    def _spawn(self, name: str) -> None:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.children[name] = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+            [sys.executable, "-m", "spendledger", name],
+            env=self.child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        checks = {"api": f"{self.api_url}/readyz", "worker": f"http://{self.host}:{self.worker_port}/healthz"}
+        pending = dict(checks)
+        while pending:
+            for name, url in list(pending.items()):
+                child = self.children[name]
+                if child.poll() is not None:
+                    raise StartupError(
+                        f"the {name} exited with code {child.returncode}; see {self.log_dir / (name + '.log')}"
+                    )
+                try:
+                    if httpx.get(url, timeout=1.0).status_code == 200:
+                        self.say(f"    {name} ready")
+                        del pending[name]
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise StartupError(f"not ready within {self.startup_timeout_s:.0f} s: {', '.join(pending)}")
+            time.sleep(0.2)
+
+    def exited_child(self) -> str | None:
+        """The name of a child that has exited, if any."""
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                return name
+        if self.broker is not None and self.broker.poll() is not None:
+            return "broker"
+        return None
+
+    def stop(self) -> None:
+        """Stop the API (and its sink), then the worker, then the broker: each SIGTERM, then SIGKILL."""
+        for name in ("api", "worker"):
+            child = self.children.get(name)
+            if child is not None:
+                _terminate(child, 20)
+        if self.broker is not None:
+            _terminate(self.broker, 5)
+
+    def _step(self, text: str) -> None:
+        self.say(f"==> {text}")
+
+
+def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _settings_from(env: dict[str, str]) -> dict[str, str]:
+    return {k[len(ENV) :].lower(): v for k, v in env.items() if k.startswith(ENV)}

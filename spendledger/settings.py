@@ -1,0 +1,127 @@
+"""One frozen settings object per process, from `SPENDLEDGER_*` environment variables and `.env`.
+
+Built once in `main` and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger.join import JoinTimeouts
+from ledger.tags import AttributionPolicy
+from schemas.topics import Topics
+
+
+class Settings(BaseSettings):
+    """Every setting of every process; each process uses the part it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="SPENDLEDGER_", env_file=".env", extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    topic_prefix: str = ""
+    topic_partitions: int = Field(default=4, ge=1, le=256)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_security: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism"
+    )
+
+    # ClickHouse
+    clickhouse_dsn: SecretStr = SecretStr("chdb://./.spendledger/clickhouse")
+    clickhouse_database: str = Field(default="spend", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    # API
+    producer_keys: SecretStr = SecretStr("")
+    admin_keys: SecretStr = SecretStr("")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+    sql_max_rows: int = Field(default=10_000, ge=1)
+    sql_max_seconds: int = Field(default=15, ge=1)
+    sql_max_memory_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
+    embedded_sink: bool = False
+    api_url: str | None = None
+
+    # Processors
+    worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    usage_wait_s: float = Field(default=10.0, gt=0)
+    join_done_retention_s: float = Field(default=600.0, gt=0)
+    join_sweep_interval_s: float = Field(default=1.0, gt=0)
+    batch_max_events: int = Field(default=2000, ge=1)
+    batch_within_s: float = Field(default=0.2, gt=0)
+    price_overrides_file: Path | None = None
+    user_id_hmac_key: SecretStr | None = None
+    max_tags: int = Field(default=50, ge=1)
+
+    # Sink
+    sink_port: int = Field(default=6067, ge=0, le=65535)
+    sink_batch_max: int = Field(default=5000, ge=1)
+    sink_flush_interval_s: float = Field(default=0.5, gt=0)
+
+    # Faust timeouts (joins take ~30 s with the defaults against Tansu; ~3 s with these).
+    broker_rebalance_timeout_s: float = 5.0
+    broker_session_timeout_s: float = 6.0
+    broker_heartbeat_interval_s: float = 1.0
+
+    log_level: str = Field(default="WARNING", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _distinct_scopes(self) -> Settings:
+        overlap = set(_split(self.producer_keys)) & set(_split(self.admin_keys))
+        if overlap:
+            raise ValueError("a key is listed as both a producer key and an admin key; scopes must differ")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def is_embedded_clickhouse(self) -> bool:
+        return self.clickhouse_dsn.get_secret_value().startswith("chdb://")
+
+    def producer_key_list(self) -> list[str]:
+        return _split(self.producer_keys)
+
+    def admin_key_list(self) -> list[str]:
+        return _split(self.admin_keys)
+
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka configuration for a client of this cluster."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security, **extra}
+
+    def attribution_policy(self) -> AttributionPolicy:
+        key = self.user_id_hmac_key.get_secret_value().encode() if self.user_id_hmac_key else None
+        return AttributionPolicy(max_tags=self.max_tags, user_id_hmac_key=key or None)
+
+    def join_timeouts(self) -> JoinTimeouts:
+        return JoinTimeouts(
+            request_timeout_ms=int(self.request_timeout_s * 1000),
+            usage_wait_ms=int(self.usage_wait_s * 1000),
+            done_retention_ms=int(self.join_done_retention_s * 1000),
+        )
+
+
+def _split(keys: SecretStr) -> list[str]:
+    return [k.strip() for k in keys.get_secret_value().split(",") if k.strip()]
+
+
+def key_matches(candidate: str, keys: list[str]) -> bool:
+    """Constant-time comparison against every key (no early exit on the first match)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate.encode(), key.encode())
+    return found
