@@ -1,7 +1,5 @@
 """The HTTP API: events in, SQL out, health and metrics (DESIGN §4, §10)."""
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time

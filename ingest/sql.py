@@ -70,7 +70,7 @@ def to_json_value(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")  # plain notation, never 1.23E-10
     if isinstance(value, datetime):
         return value.isoformat() if value.tzinfo else value.isoformat() + "Z"
     if isinstance(value, date):

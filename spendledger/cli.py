@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import signal
 import sys
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from spendledger.errors import SpendLedgerError
 from spendledger.settings import Settings
 
 DEFAULT_DATA_DIR = Path(".spendledger")
+RUNNING_FILE = "api-url"  # written by `up`, read by `sql` to find the running API
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         system.stop()
         return 1
     bootstrap = system.child_env["SPENDLEDGER_KAFKA_BOOTSTRAP"]
+    (args.data_dir / RUNNING_FILE).write_text(system.api_url)
     _say(f"API:        {system.api_url}  (docs at {system.api_url}/docs)")
     _say(f"Kafka:      {bootstrap}")
     _say(f"ClickHouse: {system.child_env['SPENDLEDGER_CLICKHOUSE_DSN']}")
@@ -121,6 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             break
         time.sleep(0.5)
     _say("stopping…")
+    (args.data_dir / RUNNING_FILE).unlink(missing_ok=True)
     system.stop()
     _say("stopped")
     return exit_code
@@ -128,7 +132,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     """Through the running API in embedded mode (chDB allows one process), else straight to ClickHouse."""
-    api_url = args.api_url or settings.api_url or f"http://{settings.api_host}:{settings.api_port}"
+    running = args.data_dir / RUNNING_FILE
+    local_url = running.read_text().strip() if running.exists() else f"http://{settings.api_host}:{settings.api_port}"
+    api_url = args.api_url or settings.api_url or local_url
+    if settings.is_embedded_clickhouse and "SPENDLEDGER_CLICKHOUSE_DSN" not in os.environ:
+        dsn = f"chdb://{(args.data_dir / 'clickhouse').resolve()}"
+        settings = settings.model_copy(update={"clickhouse_dsn": SecretStr(dsn)})
     columns: list[str]
     rows: list[list[Any]]
     if args.api_url or settings.api_url or settings.is_embedded_clickhouse and _reachable(api_url):

@@ -1,0 +1,48 @@
+import pytest
+from pydantic import ValidationError
+
+from schemas.clickhouse import migrations, split_statements
+from schemas.events import EventBatch, RawEvent
+from schemas.records import AttributedRecord
+from schemas.topics import Topics
+
+
+def test_split_statements():
+    sql = "-- c\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n\n-- d\nCREATE TABLE b (y UInt8)\nENGINE = Memory;\n"
+    assert split_statements(sql) == ["CREATE TABLE a (x UInt8) ENGINE = Memory", "CREATE TABLE b (y UInt8)\nENGINE = Memory"]
+
+
+def test_ddl_has_the_contract_tables_and_columns():
+    ddl = "\n".join(s for _, statements in migrations() for s in statements)
+    for table in ("spend_records", "spend_rejects", "budget_events", "tag_budgets", "sink_offsets"):
+        assert f"CREATE TABLE IF NOT EXISTS {table}" in ddl
+    for column in AttributedRecord.model_fields:
+        assert f"\n    {column} " in ddl, column
+    assert "cost_usd            Nullable(Decimal(38, 12))" in ddl
+    assert "Float" not in ddl  # money is never Float
+
+
+def test_topics_prefix():
+    t = Topics("test1.")
+    assert t.raw == "test1.spend.raw" and t.budget_blocks == "test1.spend.budget-blocks"
+    assert t.all()[t.budget_blocks] is True and t.all()[t.raw] is False
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"kind": "completed"},
+        {"kind": "other", "request_id": "r"},
+        {"kind": "usage", "request_id": "has space"},
+        {"kind": "usage", "request_id": "r", "occurred_at": "2026-11-22T10:00:00"},
+        {"kind": "usage", "request_id": "r", "reported_cost_usd": -1},
+    ],
+)
+def test_invalid_events(event):
+    with pytest.raises(ValidationError):
+        RawEvent.model_validate(event)
+
+
+def test_batch_limit():
+    with pytest.raises(ValidationError):
+        EventBatch.model_validate({"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]})
