@@ -133,7 +133,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     """Through the running API in embedded mode (chDB allows one process), else straight to ClickHouse."""
     running = args.data_dir / RUNNING_FILE
-    local_url = running.read_text().strip() if running.exists() else f"http://{settings.api_host}:{settings.api_port}"
+    local_url = (
+        running.read_text().strip() if running.exists() else f"http://{settings.api_host}:{settings.api_port}"
+    )
     api_url = args.api_url or settings.api_url or local_url
     if settings.is_embedded_clickhouse and "SPENDLEDGER_CLICKHOUSE_DSN" not in os.environ:
         dsn = f"chdb://{(args.data_dir / 'clickhouse').resolve()}"

@@ -34,7 +34,14 @@ def publisher():
 
 @pytest.fixture
 async def client(publisher):
-    settings = Settings.model_validate({"producer_keys": "prod-key", "admin_keys": "admin-key", "max_body_bytes": 1_000_000, "topic_prefix": "t."})
+    settings = Settings.model_validate(
+        {
+            "producer_keys": "prod-key",
+            "admin_keys": "admin-key",
+            "max_body_bytes": 1_000_000,
+            "topic_prefix": "t.",
+        }
+    )
     app = create_app(Services(settings=settings, publisher=publisher, queries=FakeQueries()))
     async with AsyncClient(transport=ASGITransport(app=app), base_url="http://test") as c:
         yield c
@@ -44,9 +51,17 @@ EVENT = {
     "kind": "completed",
     "request_id": "req_123",
     "model": "openai/gpt-4o",
-    "headers": {"X-AnyAPI-App-ID": "my-chatbot-v2", "Authorization": "Bearer sk-abcdefghijklmnopqrstuvwx", "Cookie": "s=1"},
+    "headers": {
+        "X-AnyAPI-App-ID": "my-chatbot-v2",
+        "Authorization": "Bearer sk-abcdefghijklmnopqrstuvwx",
+        "Cookie": "s=1",
+    },
     "metadata": {"tags": ["team:support"], "spend_logs_metadata": {"api_key": "hunter2"}},
-    "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "my secret prompt"}], "metadata": {"project": "q4"}},
+    "body": {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "my secret prompt"}],
+        "metadata": {"project": "q4"},
+    },
     "usage": {"input_tokens": 1000, "output_tokens": 200},
 }
 
@@ -79,9 +94,19 @@ async def test_batch_keeps_given_event_ids(client, publisher):
         (b"{not json", 400, "invalid_json"),
         (b"[1, 2]", 422, "invalid_event"),
         (orjson.dumps({"kind": "usage", "request_id": "r"}), 422, "invalid_event"),
-        (orjson.dumps({"kind": "completed", "request_id": "r", "usage": {"input_tokens": 5, "cache_read_tokens": 9}}), 422, "invalid_event"),
+        (
+            orjson.dumps(
+                {"kind": "completed", "request_id": "r", "usage": {"input_tokens": 5, "cache_read_tokens": 9}}
+            ),
+            422,
+            "invalid_event",
+        ),
         (orjson.dumps({"events": []}), 422, "invalid_event"),
-        (orjson.dumps({"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]}), 422, "invalid_event"),
+        (
+            orjson.dumps({"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]}),
+            422,
+            "invalid_event",
+        ),
         (b"x" * 1_000_001, 413, "payload_too_large"),
     ],
 )
@@ -94,7 +119,11 @@ async def test_bad_input_publishes_nothing(client, publisher, body, status, code
 
 
 async def test_validation_errors_never_echo_input(client):
-    r = await client.post("/v1/events", json={"kind": "completed", "request_id": "sk-abcdefghijklmnopqrstuvwxyz has space"}, headers=PRODUCER)
+    r = await client.post(
+        "/v1/events",
+        json={"kind": "completed", "request_id": "sk-abcdefghijklmnopqrstuvwxyz has space"},
+        headers=PRODUCER,
+    )
     assert r.status_code == 422 and "sk-abcdef" not in r.text
 
 

@@ -27,7 +27,9 @@ def test_request_and_usage_join_in_either_order(order):
 
 
 def test_duplicates_after_join_change_nothing():
-    state = on_event(on_event(None, ev("request"), partition=0, now_ms=0).state, ev("usage"), partition=0, now_ms=1).state
+    state = on_event(
+        on_event(None, ev("request"), partition=0, now_ms=0).state, ev("usage"), partition=0, now_ms=1
+    ).state
     for kind in ("request", "usage"):
         step = on_event(state, ev(kind), partition=0, now_ms=2)
         assert step.duplicate and step.emitted == [] and not step.changed

@@ -20,7 +20,11 @@ def price(model, usage, provider=None, at=AT, reported=None, book=BOOK):
 def test_catalog_gpt4o():
     # $2.50/MTok in, $10/MTok out: 1000 * 2.5e-6 + 200 * 10e-6 = 0.0025 + 0.002
     p = price("openai/gpt-4o", TokenUsage(1000, 200))
-    assert (p.cost_usd, p.input_cost_usd, p.output_cost_usd) == (Decimal("0.0045"), Decimal("0.0025"), Decimal("0.002"))
+    assert (p.cost_usd, p.input_cost_usd, p.output_cost_usd) == (
+        Decimal("0.0045"),
+        Decimal("0.0025"),
+        Decimal("0.002"),
+    )
     assert (p.price_source, p.provider, p.model) == ("catalog", "openai", "gpt-4o")
 
 
@@ -93,10 +97,14 @@ def test_override_file_wins_over_catalog_from_its_effective_date():
     after = price("openai/gpt-4o", TokenUsage(1000, 200), at=datetime(2026, 6, 1, tzinfo=UTC), book=book)
     assert (after.cost_usd, after.price_source) == (Decimal("0.0036"), "override")
     # cached at its own rate: 600*2 + 400*0.5 = 1400 /1e6; + 0.0016 = 0.003
-    cached = price("openai/gpt-4o", TokenUsage(1000, 200, 400), at=datetime(2026, 7, 1, tzinfo=UTC), book=book)
+    cached = price(
+        "openai/gpt-4o", TokenUsage(1000, 200, 400), at=datetime(2026, 7, 1, tzinfo=UTC), book=book
+    )
     assert cached.cost_usd == Decimal("0.003")
     # the price is chosen by the EVENT's time: the day before, the catalog applies.
-    before = price("openai/gpt-4o", TokenUsage(1000, 200), at=datetime(2026, 5, 31, 23, 59, tzinfo=UTC), book=book)
+    before = price(
+        "openai/gpt-4o", TokenUsage(1000, 200), at=datetime(2026, 5, 31, 23, 59, tzinfo=UTC), book=book
+    )
     assert (before.cost_usd, before.price_source) == (Decimal("0.0045"), "catalog")
 
 
@@ -117,7 +125,11 @@ def test_price_file_errors_reported_together():
 
 def test_rounding_to_twelve_places():
     # 1 token * $0.075/MTok (gemini-1.5-flash class prices) must keep sub-nano precision.
-    book = PriceBook(parse_price_overrides('[[price]]\nmodel="tiny"\nprovider="p"\neffective_from=2026-01-01T00:00:00Z\ninput_usd_per_mtok="0.0375"\noutput_usd_per_mtok="0"\n'))
+    book = PriceBook(
+        parse_price_overrides(
+            '[[price]]\nmodel="tiny"\nprovider="p"\neffective_from=2026-01-01T00:00:00Z\ninput_usd_per_mtok="0.0375"\noutput_usd_per_mtok="0"\n'
+        )
+    )
     assert price("tiny", TokenUsage(1, 0), provider="p", book=book).cost_usd == Decimal("0.0000000375")
 
 

@@ -9,7 +9,10 @@ from schemas.topics import Topics
 
 def test_split_statements():
     sql = "-- c\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n\n-- d\nCREATE TABLE b (y UInt8)\nENGINE = Memory;\n"
-    assert split_statements(sql) == ["CREATE TABLE a (x UInt8) ENGINE = Memory", "CREATE TABLE b (y UInt8)\nENGINE = Memory"]
+    assert split_statements(sql) == [
+        "CREATE TABLE a (x UInt8) ENGINE = Memory",
+        "CREATE TABLE b (y UInt8)\nENGINE = Memory",
+    ]
 
 
 def test_ddl_has_the_contract_tables_and_columns():
@@ -45,4 +48,6 @@ def test_invalid_events(event):
 
 def test_batch_limit():
     with pytest.raises(ValidationError):
-        EventBatch.model_validate({"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]})
+        EventBatch.model_validate(
+            {"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]}
+        )

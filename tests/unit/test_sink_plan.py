@@ -33,7 +33,9 @@ class MemoryStore:
 
 def rec(event_id, cost="0.1"):
     t = datetime(2026, 11, 22, 10, tzinfo=UTC)
-    return AttributedRecord(event_id=event_id, request_id="r-" + event_id, occurred_at=t, received_at=t, cost_usd=Decimal(cost))
+    return AttributedRecord(
+        event_id=event_id, request_id="r-" + event_id, occurred_at=t, received_at=t, cost_usd=Decimal(cost)
+    )
 
 
 def msg(offset, value, topic=ATTR, partition=0):
@@ -54,7 +56,14 @@ def test_lands_once_across_replays_and_reemits():
     again = land(store, first)
     assert again.replayed == 2 and again.records == []
     # The worker re-emits e1 at a new offset, and e3 twice in one batch.
-    later = land(store, [msg(2, rec("e1").model_dump_json().encode()), msg(3, rec("e3").model_dump_json().encode()), msg(4, rec("e3").model_dump_json().encode())])
+    later = land(
+        store,
+        [
+            msg(2, rec("e1").model_dump_json().encode()),
+            msg(3, rec("e3").model_dump_json().encode()),
+            msg(4, rec("e3").model_dump_json().encode()),
+        ],
+    )
     assert [r.event_id for r in later.records] == ["e3"] and later.duplicates == 2
     assert sum(r.cost_usd for r in store.records.values()) == Decimal("0.3")
     assert store.offsets == {(ATTR, 0): 5}

@@ -23,7 +23,15 @@ def test_read_only_accepted(sql, expected):
 
 @pytest.mark.parametrize(
     "sql",
-    ["", ";", "INSERT INTO spend_records VALUES (1)", "DROP TABLE spend_records", "SELECT 1; DROP TABLE x", "ALTER TABLE t DELETE WHERE 1", "SELECT 1 FORMAT CSV"],
+    [
+        "",
+        ";",
+        "INSERT INTO spend_records VALUES (1)",
+        "DROP TABLE spend_records",
+        "SELECT 1; DROP TABLE x",
+        "ALTER TABLE t DELETE WHERE 1",
+        "SELECT 1 FORMAT CSV",
+    ],
 )
 def test_writes_and_multi_statements_refused(sql):
     with pytest.raises(InvalidQuery):

@@ -92,7 +92,11 @@ def test_seed001_tags_and_spend_logs_metadata():
         metadata=[
             {
                 "tags": ["app:bi-tool", "env:production"],
-                "spend_logs_metadata": {"project": "q4-sales-analysis", "department": "marketing", "version": "1.5.2"},
+                "spend_logs_metadata": {
+                    "project": "q4-sales-analysis",
+                    "department": "marketing",
+                    "version": "1.5.2",
+                },
             }
         ]
     )
@@ -112,11 +116,19 @@ def test_seed001_litellm_headers_case_insensitive():
             "x-litellm-spend-logs-metadata": '{"project": "q4-analysis", "version": "2.0"}',
         }
     )
-    assert a.dimensions == {"app": "my-chatbot", "env": "production", "project": "q4-analysis", "version": "2.0"}
+    assert a.dimensions == {
+        "app": "my-chatbot",
+        "env": "production",
+        "project": "q4-analysis",
+        "version": "2.0",
+    }
 
 
 def test_seed001_user_parameter_and_free_labels():
-    a = normalize(metadata=[{"tags": ["app:saas-platform", "tenant:company-abc", "tier:enterprise", "beta"]}], users=["customer_54321"])
+    a = normalize(
+        metadata=[{"tags": ["app:saas-platform", "tenant:company-abc", "tier:enterprise", "beta"]}],
+        users=["customer_54321"],
+    )
     assert a.dimensions["user"] == "customer_54321"
     assert a.dimensions["tenant"] == "company-abc"
     assert "tier:enterprise" in a.tags and "beta" in a.tags
@@ -129,7 +141,15 @@ def test_seed003_xproxy_user_and_composite_ids():
 
 @pytest.mark.parametrize(
     ("raw", "env"),
-    [("prod", "production"), ("PRD", "production"), ("stg", "staging"), ("stage", "staging"), ("dev", "development"), ("qa", "test"), ("canary", "canary")],
+    [
+        ("prod", "production"),
+        ("PRD", "production"),
+        ("stg", "staging"),
+        ("stage", "staging"),
+        ("dev", "development"),
+        ("qa", "test"),
+        ("canary", "canary"),
+    ],
 )
 def test_env_aliases(raw, env):
     assert normalize(metadata=[{"tags": [f"env:{raw}"]}]).dimensions["env"] == env
@@ -137,7 +157,14 @@ def test_env_aliases(raw, env):
 
 @pytest.mark.parametrize(
     ("key", "dim"),
-    [("owner", "team"), ("cost_center", "team"), ("Cost-Center", "team"), ("use_case", "feature"), ("environment", "env"), ("customer_id", "tenant")],
+    [
+        ("owner", "team"),
+        ("cost_center", "team"),
+        ("Cost-Center", "team"),
+        ("use_case", "feature"),
+        ("environment", "env"),
+        ("customer_id", "tenant"),
+    ],
 )
 def test_key_aliases(key, dim):
     assert normalize(metadata=[{key: "x1"}]).dimensions[dim] == "x1"
@@ -179,7 +206,9 @@ def test_too_many_tags():
 
 
 def test_credential_values_redacted_in_metadata():
-    a = normalize(metadata=[{"spend_logs_metadata": {"openai_api_key": "abc", "note": "Bearer abcdefghijklmnop"}}])
+    a = normalize(
+        metadata=[{"spend_logs_metadata": {"openai_api_key": "abc", "note": "Bearer abcdefghijklmnop"}}]
+    )
     assert a.metadata == {"openai_api_key": "[REDACTED]", "note": "[REDACTED]"}
 
 
