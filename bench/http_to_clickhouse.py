@@ -1,0 +1,129 @@
+"""End-to-end throughput: events over HTTP -> Kafka -> Faust -> rows in ClickHouse.
+
+Starts the embedded system in a temporary directory, sends N `completed` events
+in batches of 500 from several concurrent clients, and measures until every row
+has landed. Prints progress and a result table.
+
+    .venv/bin/python bench/http_to_clickhouse.py [--events 50000] [--batch 500] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spendledger.embedded import EmbeddedSystem  # noqa: E402
+
+MODELS = [
+    "openai/gpt-4o",
+    "openai/gpt-4o-mini",
+    "anthropic/claude-3-5-sonnet-20241022",
+    "google/gemini-2.5-pro",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def batch(start: int, size: int, run: str) -> dict:
+    return {
+        "events": [
+            {
+                "kind": "completed",
+                "request_id": f"{run}-{i}",
+                "model": MODELS[i % len(MODELS)],
+                "headers": {"X-AnyAPI-App-ID": f"app-{i % 7}", "x-litellm-tags": f"team:t{i % 5},env:prod"},
+                "metadata": {"tags": [f"feature:f{i % 11}"]},
+                "user": f"user_{i % 1000}",
+                "usage": {"input_tokens": 500 + i % 1000, "output_tokens": 50 + i % 200},
+            }
+            for i in range(start, start + size)
+        ]
+    }
+
+
+async def send_all(system: EmbeddedSystem, total: int, size: int, clients: int, run: str) -> float:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for start in range(0, total, size):
+        queue.put_nowait(start)
+    headers = {"Authorization": f"Bearer {system.producer_key}"}
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent
+        async with httpx.AsyncClient(base_url=system.api_url, timeout=60) as http:
+            while not queue.empty():
+                start = queue.get_nowait()
+                body = batch(start, min(size, total - start), run)
+                while (await http.post("/v1/events", json=body, headers=headers)).status_code != 202:
+                    await asyncio.sleep(0.5)  # retried with the same event ids
+                sent += len(body["events"])
+
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    while not all(t.done() for t in tasks):
+        await asyncio.sleep(1)
+        print(f"  sent {sent:>8,} / {total:,}", flush=True)
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    run = f"bench{int(time.time())}"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDLEDGER_")}
+        system = EmbeddedSystem(
+            Path(tmp), port=free_port(), kafka_port=free_port(), env=env, say=lambda _: None
+        )
+        print("starting the embedded system…", flush=True)
+        system.start()
+        try:
+            started = time.perf_counter()
+            send_s = asyncio.run(send_all(system, args.events, args.batch, args.clients, run))
+            admin = {"Authorization": f"Bearer {system.admin_key}"}
+            query = {
+                "query": f"SELECT count(), sum(cost_usd) FROM spend_records WHERE startsWith(request_id, '{run}-')"
+            }
+            while True:
+                rows = httpx.post(f"{system.api_url}/v1/sql", json=query, headers=admin, timeout=60).json()[
+                    "rows"
+                ]
+                landed = rows[0][0]
+                print(f"  landed {landed:>8,} / {args.events:,}", flush=True)
+                if landed >= args.events:
+                    break
+                time.sleep(1)
+            total_s = time.perf_counter() - started
+        finally:
+            system.stop()
+    print()
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+    )
+    print(f"{'events':<34}{args.events:>12,}")
+    print(f"{'HTTP ingest (202 after Kafka ack)':<34}{args.events / send_s:>12,.0f} events/s")
+    print(f"{'HTTP -> ClickHouse rows':<34}{args.events / total_s:>12,.0f} events/s")
+    print(f"{'total cost landed (USD)':<34}{rows[0][1]:>12}")
+
+
+if __name__ == "__main__":
+    main()
