@@ -51,3 +51,12 @@ def test_batch_limit():
         EventBatch.model_validate(
             {"events": [{"kind": "completed", "request_id": f"r{i}"} for i in range(1001)]}
         )
+
+
+def test_sql_table_rendering():
+    from spendledger.cli import render
+
+    assert render(["app_id", "cost_usd"], [["a", "0.1"], ["bb", None]], "table") == (
+        "app_id | cost_usd\n-------+---------\na      | 0.1     \nbb     | NULL    \n(2 rows)"
+    )
+    assert render(["a"], [[1]], "csv") == "a\n1"
