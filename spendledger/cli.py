@@ -178,7 +178,7 @@ def render(columns: list[str], rows: list[list[Any]], fmt: str) -> str:
         return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.writer(out)
+        writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
         return out.getvalue().rstrip("\n")
