@@ -213,7 +213,6 @@ def create_app(services: Services) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # Make RawEvent and EventBatch appear in the OpenAPI components for the oneOf above.
-    app.openapi_schema = None
     _register_models(app, [RawEvent, EventBatch])
     return app
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ledger.errors import JoinError
 from ledger.join import JoinedCall, RawEventDict
-from ledger.pricing import PriceBook
+from ledger.pricing import Price, PriceBook, split_model_ref
 from ledger.tags import AttributionPolicy, normalize
 from ledger.usage import TokenUsage, parse_usage
 from schemas.records import AttributedRecord
@@ -55,17 +55,17 @@ class Attributor:
         reported_cost = Decimal(str(reported)) if reported is not None else None
 
         if call.join_kind == "request_only":
+            # No usage ever came: the cost is unknown, not zero.
             usage = TokenUsage()
             status = "incomplete"
-            price = self.prices.price(model=None, provider=provider, usage=usage, at=occurred_at)
-            model_name = model or ""
+            provider_id, model_ref = split_model_ref(model or "", provider)
+            price = Price(None, None, None, "unpriced", provider_id or "", model_ref)
         else:
             usage = parse_usage(billing.get("usage"))
             status = billing.get("status") or "success"
             price = self.prices.price(
                 model=model, provider=provider, usage=usage, at=occurred_at, reported_cost_usd=reported_cost
             )
-            model_name = price.model
         latency = billing.get("latency_ms")
         return AttributedRecord(
             event_id=event_id,
@@ -77,7 +77,7 @@ class Attributor:
             invalid_tags=attribution.invalid,
             metadata=attribution.metadata,
             provider=price.provider,
-            model=model_name,
+            model=price.model,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cache_read_tokens=usage.cache_read_tokens,

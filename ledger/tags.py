@@ -208,10 +208,10 @@ class _Builder:
 
     def user(self, value: Any) -> None:
         text = _stringify(value).strip()
-        key = self.policy.user_id_hmac_key
-        shown = hash_user_id(text, key) if key else text
         if not text:
             return
+        key = self.policy.user_id_hmac_key
+        shown = hash_user_id(text, key) if key else text
         if looks_like_secret(text):
             self.invalid("secret_redacted", f"user:{REDACTED}")
         elif len(text) > self.policy.max_user_id_chars or not _USER_ID_RE.match(text):

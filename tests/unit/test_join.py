@@ -63,3 +63,26 @@ def test_done_marker_forgotten_after_retention():
 def test_state_round_trips():
     state = PendingCall(partition=2, first_seen_ms=5, request=ev("request"))
     assert PendingCall.decode(state.encode()) == state
+
+
+def test_request_only_record_is_unpriced_with_split_model():
+    from ledger import AttributionPolicy, Attributor, PriceBook
+    from ledger.join import JoinedCall
+
+    request = {
+        "kind": "request",
+        "request_id": "r9",
+        "event_id": "e9",
+        "model": "openai/gpt-4o",
+        "occurred_at": "2026-11-22T10:00:00+00:00",
+    }
+    record = Attributor(AttributionPolicy(), PriceBook()).record(
+        JoinedCall("r9", "request_only", request=request)
+    )
+    assert (record.status, record.cost_usd, record.price_source, record.provider, record.model) == (
+        "incomplete",
+        None,
+        "unpriced",
+        "openai",
+        "gpt-4o",
+    )
