@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from ingest.budgets import BudgetServices, create_router
 from ingest.errors import (
     ApiError,
     BrokerUnavailableError,
@@ -84,6 +85,7 @@ class Services:
     queries: QueryEngine | None = None
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
+    budgets: BudgetServices | None = None
 
 
 def create_app(services: Services) -> FastAPI:
@@ -204,13 +206,29 @@ def create_app(services: Services) -> FastAPI:
         """Readiness: Kafka and ClickHouse reachable."""
         kafka = await services.publisher.ready()
         clickhouse = services.queries is not None and await asyncio.to_thread(services.queries.ping)
-        ready = kafka and clickhouse
-        body = {"status": "ready" if ready else "not_ready", "kafka": kafka, "clickhouse": clickhouse}
+        budgets = services.budgets is None or (
+            services.budgets.registry.staleness_s is not None
+            and services.budgets.guard.staleness_s is not None
+        )
+        ready = kafka and clickhouse and budgets
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "kafka": kafka,
+            "clickhouse": clickhouse,
+            "budgets": budgets,
+        }
         return JSONResponse(body, 200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if services.budgets is not None:
+        app.include_router(
+            create_router(
+                services.budgets, services.publisher, settings.topics.budgets, require_admin, authorize
+            )
+        )
 
     # Make RawEvent and EventBatch appear in the OpenAPI components for the oneOf above.
     _register_models(app, [RawEvent, EventBatch])

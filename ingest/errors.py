@@ -71,6 +71,30 @@ class StorageUnavailableError(ApiError):
     code = "storage_unavailable"
 
 
+class InvalidBudget(ApiError):
+    """A budget or limit that breaks a rule (duration, amounts, thresholds, tag name)."""
+
+    code = "invalid_budget"
+
+
+class NotFound(ApiError):
+    """The named budget, tag or app limit does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    """The budget already exists (use the update endpoint)."""
+
+    code = "conflict"
+
+
+class BudgetsUnavailable(ApiError):
+    """The API has not yet read the budget topics (just started, or Kafka is unreachable)."""
+
+    code = "budgets_unavailable"
+
+
 HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidJson: 400,
     InvalidEvent: 422,
@@ -81,6 +105,10 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     QueryLimitExceeded: 422,
     BrokerUnavailableError: 503,
     StorageUnavailableError: 503,
+    InvalidBudget: 422,
+    NotFound: 404,
+    Conflict: 409,
+    BudgetsUnavailable: 503,
 }
 
 

@@ -14,7 +14,7 @@ from spendledger.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
-Message = tuple[bytes, bytes]  # (key, value)
+Message = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
 
 
 class EventPublisher(Protocol):
@@ -31,7 +31,7 @@ class InMemoryPublisher:
     """Keeps published messages in a list; `fail_with` simulates an unavailable broker."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
         self.fail_with: Exception | None = None
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:

@@ -124,3 +124,32 @@ def _translate(exc: Exception) -> Exception:
     if code:
         return InvalidQuery(message)
     return StorageUnavailableError(f"ClickHouse query failed: {message}")
+
+
+class ClickHouseSpendReader:
+    """Spend per tag and window, straight from `spend_records` (what the ledger holds)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def spend(self, tag: str, start: datetime, end: datetime) -> Decimal:
+        try:
+            result = self._client.query(
+                "SELECT sum(cost_usd) FROM spend_records "
+                "WHERE occurred_at >= %(start)s AND occurred_at < %(end)s AND has(tags, %(tag)s)",
+                parameters={"tag": tag, "start": start, "end": end},
+            )
+        except Exception as exc:
+            raise _translate(exc) from exc
+        value = result.result_rows[0][0] if result.result_rows else None
+        return Decimal(value) if value is not None else Decimal(0)
+
+    def app_name(self, app_id: str) -> str:
+        try:
+            result = self._client.query(
+                "SELECT argMax(app_name, occurred_at) FROM spend_records WHERE app_id = %(app)s AND app_name != ''",
+                parameters={"app": app_id},
+            )
+        except Exception as exc:
+            raise _translate(exc) from exc
+        return str(result.result_rows[0][0]) if result.result_rows else ""

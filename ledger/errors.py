@@ -15,3 +15,7 @@ class PriceFileError(LedgerError):
 
 class JoinError(LedgerError):
     """A raw event that cannot take part in a join (e.g. no request_id)."""
+
+
+class BudgetError(LedgerError):
+    """A budget definition that breaks a rule (duration, amounts, thresholds, window)."""

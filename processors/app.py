@@ -1,4 +1,6 @@
-"""The Faust app: join agent (spend.raw -> spend.joined) and attribute agent (-> spend.attributed).
+"""The Faust app: join (spend.raw -> spend.joined), attribute (-> spend.attributed and
+spend.tag-spend), and budgets (spend.budgets forwarded into spend.tag-spend; tag-spend ->
+spend.budget-blocks and spend.budget-alerts).
 
 Agents are thin: decode -> validate -> one ledger call -> send. Concurrency is 1
 (faust-streaming can commit past an unprocessed message with more), delivery is
@@ -22,8 +24,11 @@ from ledger import Attributor, JoinedCall, LedgerError, PendingCall, PriceBook, 
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
 from processors import metrics
+from processors.budgets import BudgetStore, block_signal, outcome_messages
 from processors.deadletter import dead_letter, describe
+from schemas.budgets import BudgetDefinition, SpendEntry, TagSpend
 from schemas.events import RawEvent
+from schemas.records import AttributedRecord
 from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,10 @@ def create_app(settings: Settings) -> faust.App:
     joined_topic = app.topic(topics.joined, partitions=settings.topic_partitions)
     attributed_topic = app.topic(topics.attributed, partitions=settings.topic_partitions)
     dead_letter_topic = app.topic(topics.dead_letter, partitions=settings.topic_partitions)
+    tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
+    budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
+    blocks_topic = app.topic(topics.budget_blocks, partitions=settings.topic_partitions)
+    alerts_topic = app.topic(topics.budget_alerts, partitions=settings.topic_partitions)
     table = app.Table(
         "pending-calls",
         partitions=settings.topic_partitions,
@@ -166,6 +175,7 @@ def create_app(settings: Settings) -> faust.App:
     async def attribute(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
             started = time.perf_counter()
+            records: list[AttributedRecord] = []
             for event in events:
                 try:
                     call = JoinedCall.decode(event.message.value)
@@ -177,7 +187,14 @@ def create_app(settings: Settings) -> faust.App:
                     metrics.INVALID_TAGS.labels(entry.partition("|")[0]).inc()
                 metrics.RECORDS_OUT.labels(record.price_source).inc()
                 await attributed_topic.send(key=event.message.key, value=record.model_dump_json().encode())
+                records.append(record)
+            # After the records: one spend message per tag for the whole batch.
+            for tag, entries in tag_spend_entries(records).items():
+                spend = TagSpend(type="spend", entries=entries)
+                await tag_spend_topic.send(key=tag.encode(), value=spend.model_dump_json().encode())
             metrics.BATCH_SECONDS.labels("attribute").observe(time.perf_counter() - started)
+
+    install_budgets(app, settings, tag_spend_topic, budgets_topic, blocks_topic, alerts_topic, reject)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -188,6 +205,133 @@ def create_app(settings: Settings) -> faust.App:
         return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendEntry]]:
+    """Priced spend of a batch by tag; a record counts in full for each of its tags."""
+    out: dict[str, list[SpendEntry]] = {}
+    for record in records:
+        if not record.cost_usd:
+            continue  # unpriced (NULL) or free: nothing to count
+        entry = SpendEntry(
+            event_id=record.event_id,
+            occurred_ms=int(record.occurred_at.timestamp() * 1000),
+            cost_usd=record.cost_usd,
+        )
+        for tag in record.tags:
+            out.setdefault(tag, []).append(entry)
+    return out
+
+
+def install_budgets(
+    app: faust.App,
+    settings: Settings,
+    tag_spend_topic: Any,
+    budgets_topic: Any,
+    blocks_topic: Any,
+    alerts_topic: Any,
+    reject: Any,
+) -> None:
+    """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer."""
+    topics = settings.topics
+    table = app.Table(
+        "budget-state",
+        partitions=settings.topic_partitions,
+        key_type=bytes,
+        value_type=bytes,
+        help="Spend history, budget and status per tag",
+    )
+    store = BudgetStore(table.data, table.send_changelog, settings.history_policy())
+    compacted_at = [0.0]
+
+    def assigned() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.tag_spend}
+
+    @table.on_recover
+    async def rebuild() -> None:
+        store.rebuild(assigned())
+        metrics.BUDGET_TAGS.set(len(store.accounts))
+
+    async def publish(tag: str, result: Any, now_ms: int) -> None:
+        account = store.accounts[tag]
+        signal, alerts = outcome_messages(account, result, now_ms)
+        if signal is not None:
+            metrics.BUDGET_SIGNALS.labels(signal.change).inc()
+            await blocks_topic.send(key=tag.encode(), value=signal.model_dump_json().encode())
+        for alert in alerts:
+            metrics.BUDGET_ALERTS.labels(alert.kind).inc()
+            await alerts_topic.send(key=tag.encode(), value=alert.model_dump_json().encode())
+
+    @app.agent(budgets_topic, concurrency=1)
+    async def forward_budgets(stream: Any) -> None:
+        """Budget definitions join their tag's spend stream, so both are applied in order."""
+        async for event in stream.events():
+            message = event.message
+            try:
+                definition = (
+                    None if message.value is None else BudgetDefinition.model_validate_json(message.value)
+                )
+            except ValidationError as exc:
+                await reject("budgets", event, f"invalid budget definition: {describe(exc)}")
+                continue
+            value = TagSpend(type="budget", definition=definition)
+            await tag_spend_topic.send(key=message.key, value=value.model_dump_json().encode())
+
+    @app.agent(tag_spend_topic, concurrency=1)
+    async def budgets(stream: Any) -> None:
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            started = time.perf_counter()
+            touched: dict[str, bool] = {}
+            deleted: list[tuple[str, Any, Any]] = []
+            for event in events:
+                message = event.message
+                try:
+                    tag = message.key.decode()
+                    spend = TagSpend.model_validate_json(message.value)
+                    account = store.account(tag, message.partition)
+                    if spend.type == "budget":
+                        before = (account.status, account.rule)
+                        store.set_definition(account, spend.definition)
+                        if spend.definition is None and before[1] is not None:
+                            deleted.append((tag, *before))
+                        touched[tag] = True
+                    else:
+                        counted = account.add_spend(
+                            [(e.event_id, e.occurred_ms, e.cost_usd) for e in spend.entries]
+                        )
+                        metrics.BUDGET_ENTRIES.inc(counted)
+                        metrics.BUDGET_DUPLICATES.inc(len(spend.entries) - counted)
+                        touched.setdefault(tag, False)
+                except (LedgerError, ValidationError, ValueError, AttributeError) as exc:
+                    await reject("budgets", event, f"cannot apply to a budget: {describe(exc)}")
+            now_ms = int(time.time() * 1000)
+            for tag, status, rule in deleted:
+                signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(
+                    update={"blocked": False}
+                )
+                metrics.BUDGET_SIGNALS.labels("deleted").inc()
+                await blocks_topic.send(key=tag.encode(), value=signal.model_dump_json().encode())
+            for tag, rule_changed in touched.items():
+                account = store.accounts[tag]
+                await publish(tag, account.evaluate(now_ms), now_ms)
+                store.persist(account, rule=rule_changed)
+            metrics.BUDGET_TAGS.set(len(store.accounts))
+            metrics.BATCH_SECONDS.labels("budgets").observe(time.perf_counter() - started)
+
+    @app.timer(settings.budget_tick_interval_s)
+    async def budget_windows() -> None:
+        """Windows end without traffic: lift blocks and roll windows on the wall clock."""
+        partitions = assigned()
+        now_ms = int(time.time() * 1000)
+        for account in store.budgeted(partitions):
+            result = account.evaluate(now_ms)
+            if result is not None and (result.change != "none" or result.alerts):
+                await publish(account.tag, result, now_ms)
+                store.persist(account)
+        if time.monotonic() - compacted_at[0] >= 60:
+            compacted_at[0] = time.monotonic()
+            store.compact(now_ms, partitions)
+            metrics.BUDGET_TAGS.set(len(store.accounts))
 
 
 def run_worker(settings: Settings) -> None:

@@ -10,6 +10,11 @@ INVALID_TAGS = Counter("spendledger_worker_invalid_tags", "Invalid attribution i
 DEAD_LETTERS = Counter("spendledger_dead_letters", "Messages sent to the dead-letter topic", ["stage"])
 PENDING_CALLS = Gauge("spendledger_worker_pending_calls", "Calls waiting for their partner event")
 BATCH_SECONDS = Histogram("spendledger_worker_batch_seconds", "Time to process one batch", ["agent"])
+BUDGET_ENTRIES = Counter("spendledger_budget_entries", "Spend entries counted by the budget agent")
+BUDGET_DUPLICATES = Counter("spendledger_budget_duplicates", "Spend entries ignored as already counted")
+BUDGET_SIGNALS = Counter("spendledger_budget_signals", "Block-state messages sent", ["change"])
+BUDGET_ALERTS = Counter("spendledger_budget_alerts", "Budget alerts sent", ["kind"])
+BUDGET_TAGS = Gauge("spendledger_budget_tags", "Tags whose spend history the worker holds")
 
 SINK_ROWS = Counter("spendledger_sink_rows", "Rows landed in ClickHouse", ["table"])
 SINK_SKIPPED = Counter("spendledger_sink_skipped", "Messages skipped as already landed", ["why"])

@@ -1,4 +1,9 @@
-"""The sink: spend.attributed and spend.dead-letter -> ClickHouse, each message landing once.
+"""The sink: spend.attributed, spend.dead-letter and the budget topics -> ClickHouse, each message landing once.
+
+`spend.budgets` lands in `tag_budgets` (a tombstone as a `deleted` row);
+`spend.budget-blocks` transitions (blocked, unblocked, deleted) and
+`spend.budget-alerts` land in `budget_events`; a re-sent alert (same
+`alert_id`) lands once.
 
 Order of one flush, and what a crash at each point leaves (DESIGN §9):
 
@@ -34,13 +39,23 @@ from pydantic import ValidationError
 
 from processors import metrics
 from processors.deadletter import describe
+from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.records import AttributedRecord, Reject
+from schemas.topics import Topics
 from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RECORD_COLUMNS: list[str] = list(AttributedRecord.model_fields)
 REJECT_COLUMNS: list[str] = list(Reject.model_fields)
+BUDGET_COLUMNS = [
+    "tag", "max_budget_usd", "soft_budget_usd", "budget_duration", "alert_thresholds",
+    "deleted", "updated_at", "window", "source", "created_at",
+]  # fmt: skip
+BUDGET_EVENT_COLUMNS = [
+    "at", "tag", "event_type", "threshold_pct", "spend_usd", "max_budget_usd",
+    "window_start", "window_end", "alert_id", "soft_budget_usd",
+]  # fmt: skip
 TopicPartitionKey = tuple[str, int]
 
 
@@ -52,6 +67,7 @@ class Message:
     partition: int
     offset: int
     value: bytes | None
+    key: bytes | None = None
 
 
 @dataclass
@@ -60,6 +76,8 @@ class Landing:
 
     records: list[AttributedRecord] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
+    budgets: list[list[Any]] = field(default_factory=list)
+    budget_events: list[list[Any]] = field(default_factory=list)
     next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
     replayed: int = 0
     duplicates: int = 0
@@ -77,19 +95,22 @@ class LedgerStore(Protocol):
 
     def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]: ...
 
+    def existing_alert_ids(self, alert_ids: list[str]) -> set[str]: ...
+
     def land(self, landing: Landing, group: str) -> None: ...
 
 
 def plan_landing(
     messages: Iterable[Message],
     *,
-    attributed_topic: str,
+    topics: Topics,
     landed: dict[TopicPartitionKey, int],
     store: LedgerStore,
 ) -> Landing:
     """Steps 1-3 of the flush: what to write for these messages."""
     landing = Landing()
     candidates: dict[str, AttributedRecord] = {}
+    alerts: dict[str, list[Any]] = {}
     for message in messages:
         tp = (message.topic, message.partition)
         if message.offset < landed.get(tp, -1):
@@ -97,9 +118,21 @@ def plan_landing(
             continue
         landing.next_offsets[tp] = max(landing.next_offsets.get(tp, 0), message.offset + 1)
         try:
+            if message.topic == topics.budgets:
+                landing.budgets.append(_budget_row(message))
+                continue
             if message.value is None:
+                if message.topic == topics.budget_blocks:
+                    continue  # the tombstone after a deleted budget's last state
                 raise ValueError("message has no value")
-            if message.topic == attributed_topic:
+            if message.topic == topics.budget_blocks:
+                signal = BlockSignal.model_validate_json(message.value)
+                if signal.change != "update":
+                    landing.budget_events.append(_block_row(signal))
+            elif message.topic == topics.budget_alerts:
+                alert = BudgetAlert.model_validate_json(message.value)
+                alerts.setdefault(alert.alert_id, _alert_row(alert))
+            elif message.topic == topics.attributed:
                 record = AttributedRecord.model_validate_json(message.value)
                 if record.event_id in candidates:
                     landing.duplicates += 1
@@ -123,7 +156,38 @@ def plan_landing(
         existing = store.existing_event_ids(list(candidates), min(times), max(times))
         landing.duplicates += len(existing)
         landing.records = [r for event_id, r in candidates.items() if event_id not in existing]
+    if alerts:
+        existing = store.existing_alert_ids(list(alerts))
+        landing.duplicates += len(existing)
+        landing.budget_events += [row for alert_id, row in alerts.items() if alert_id not in existing]
     return landing
+
+
+def _budget_row(message: Message) -> list[Any]:
+    if message.value is None:
+        if not message.key:
+            raise ValueError("a budget tombstone without a key")
+        now = datetime.now().astimezone()
+        return [message.key.decode(), None, None, "", [], 1, now, "calendar", "tag", now]
+    d = BudgetDefinition.model_validate_json(message.value)
+    return [
+        d.tag, d.max_budget_usd, d.soft_budget_usd, d.budget_duration, d.alert_thresholds,
+        0, d.updated_at, d.window, d.source, d.created_at,
+    ]  # fmt: skip
+
+
+def _block_row(s: BlockSignal) -> list[Any]:
+    return [
+        s.updated_at, s.tag, s.change, None, s.spend_usd, s.max_budget_usd,
+        s.window_start, s.window_end, "", s.soft_budget_usd,
+    ]  # fmt: skip
+
+
+def _alert_row(a: BudgetAlert) -> list[Any]:
+    return [
+        a.at, a.tag, "alert" if a.kind == "threshold" else "soft_alert", a.threshold_pct, a.spend_usd,
+        a.max_budget_usd, a.window_start, a.window_end, a.alert_id, a.soft_budget_usd,
+    ]  # fmt: skip
 
 
 class ClickHouseStore:
@@ -148,6 +212,13 @@ class ClickHouseStore:
         )
         return {row[0] for row in result.result_rows}
 
+    def existing_alert_ids(self, alert_ids: list[str]) -> set[str]:
+        result = self._client.query(
+            "SELECT alert_id FROM budget_events WHERE alert_id IN %(ids)s",
+            parameters={"ids": tuple(alert_ids)},
+        )
+        return {row[0] for row in result.result_rows}
+
     def land(self, landing: Landing, group: str) -> None:
         token = landing.token(group)
         if landing.records:
@@ -156,6 +227,12 @@ class ClickHouseStore:
         if landing.rejects:
             rows = [[getattr(r, c) for c in REJECT_COLUMNS] for r in landing.rejects]
             self._insert("spend_rejects", rows, REJECT_COLUMNS, f"{token}:rejects")
+        if landing.budgets:
+            self._insert("tag_budgets", landing.budgets, BUDGET_COLUMNS, f"{token}:budgets")
+        if landing.budget_events:
+            self._insert(
+                "budget_events", landing.budget_events, BUDGET_EVENT_COLUMNS, f"{token}:budget_events"
+            )
         if landing.next_offsets:
             rows = [[group, t, p, o] for (t, p), o in landing.next_offsets.items()]
             self._client.insert(
@@ -173,7 +250,8 @@ class Sink:
         self.settings = settings
         self.store = store
         self.group = f"{settings.topic_prefix}spendledger-sink"
-        self.topics = [settings.topics.attributed, settings.topics.dead_letter]
+        t = settings.topics
+        self.topics = [t.attributed, t.dead_letter, t.budgets, t.budget_blocks, t.budget_alerts]
         self._landed: dict[TopicPartitionKey, int] = {}
         self._stop = threading.Event()
         self.healthy = True
@@ -235,7 +313,8 @@ class Sink:
         while True:
             try:
                 self.flush(
-                    consumer, [Message(m.topic(), m.partition(), m.offset(), m.value()) for m in buffer]
+                    consumer,
+                    [Message(m.topic(), m.partition(), m.offset(), m.value(), m.key()) for m in buffer],
                 )
                 self.healthy = True
                 return
@@ -249,9 +328,7 @@ class Sink:
 
     def flush(self, consumer: Any, messages: list[Message]) -> None:
         started = time.perf_counter()
-        landing = plan_landing(
-            messages, attributed_topic=self.settings.topics.attributed, landed=self._landed, store=self.store
-        )
+        landing = plan_landing(messages, topics=self.settings.topics, landed=self._landed, store=self.store)
         self.store.land(landing, self.group)
         self._landed.update(landing.next_offsets)
         if landing.next_offsets:
@@ -262,6 +339,8 @@ class Sink:
                 log.warning("kafka commit failed", extra={"error": describe(exc)})
         metrics.SINK_ROWS.labels("spend_records").inc(len(landing.records))
         metrics.SINK_ROWS.labels("spend_rejects").inc(len(landing.rejects))
+        metrics.SINK_ROWS.labels("tag_budgets").inc(len(landing.budgets))
+        metrics.SINK_ROWS.labels("budget_events").inc(len(landing.budget_events))
         metrics.SINK_SKIPPED.labels("replayed_offset").inc(landing.replayed)
         metrics.SINK_SKIPPED.labels("duplicate_event_id").inc(landing.duplicates)
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)

@@ -37,7 +37,9 @@ def run_api(settings: Settings) -> None:
         settings=settings,
         publisher=KafkaPublisher(settings.kafka_config(), timeout_s=settings.publish_timeout_s),
         queries=ClickHouseQueryEngine(client),
+        budgets=build_budget_services(settings),
     )
+    services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]
     if settings.embedded_sink:
         sink = build_sink(settings)
         thread = threading.Thread(target=sink.run, name="sink", daemon=True)
@@ -55,6 +57,30 @@ def run_api(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+    )
+
+
+def build_budget_services(settings: Settings) -> Any:
+    """The API's views of `spend.budgets` and `spend.budget-blocks`, started, and its spend reader."""
+    from zoneinfo import ZoneInfo
+
+    from ingest.budgets import BudgetServices
+    from ingest.sql import ClickHouseSpendReader
+    from schemas.budgets import BudgetDefinition
+    from spendledger.guard import BudgetGuard, CompactedView
+
+    registry = CompactedView(
+        settings.kafka_config(), settings.topics.budgets, BudgetDefinition.model_validate_json
+    )
+    guard = BudgetGuard.from_settings(settings)
+    registry.start()
+    guard.start()
+    return BudgetServices(
+        registry=registry,
+        guard=guard,
+        spend=ClickHouseSpendReader(connect(settings, create_database=False)),
+        tz=ZoneInfo(settings.budget_timezone),
+        policy=settings.attribution_policy(),
     )
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ledger.budgets import HistoryPolicy
 from ledger.join import JoinTimeouts
 from ledger.tags import AttributionPolicy
 from schemas.topics import Topics
@@ -61,6 +63,16 @@ class Settings(BaseSettings):
     user_id_hmac_key: SecretStr | None = None
     max_tags: int = Field(default=50, ge=1)
 
+    # Budgets
+    budget_timezone: str = Field(
+        default="UTC", description="IANA zone where day, week and month windows start"
+    )
+    budget_dedupe_s: float = Field(
+        default=300.0, ge=120, description="how long event ids are kept for dedupe"
+    )
+    budget_tick_interval_s: float = Field(default=1.0, gt=0)
+    guard_bootstrap_timeout_s: float = Field(default=10.0, gt=0)
+
     # Sink
     sink_port: int = Field(default=6067, ge=0, le=65535)
     sink_batch_max: int = Field(default=5000, ge=1)
@@ -77,6 +89,17 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as 'Europe/Berlin')"
+            ) from exc
+        return value
 
     @model_validator(mode="after")
     def _distinct_scopes(self) -> Settings:
@@ -106,6 +129,9 @@ class Settings(BaseSettings):
     def attribution_policy(self) -> AttributionPolicy:
         key = self.user_id_hmac_key.get_secret_value().encode() if self.user_id_hmac_key else None
         return AttributionPolicy(max_tags=self.max_tags, user_id_hmac_key=key or None)
+
+    def history_policy(self) -> HistoryPolicy:
+        return HistoryPolicy(tz=ZoneInfo(self.budget_timezone), dedupe_ms=int(self.budget_dedupe_s * 1000))
 
     def join_timeouts(self) -> JoinTimeouts:
         return JoinTimeouts(

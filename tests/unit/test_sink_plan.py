@@ -3,8 +3,11 @@
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import orjson
+
 from processors.sink import Landing, Message, plan_landing
 from schemas.records import AttributedRecord
+from schemas.topics import Topics
 
 ATTR = "spend.attributed"
 DLQ = "spend.dead-letter"
@@ -17,6 +20,8 @@ class MemoryStore:
         self.records: dict[str, AttributedRecord] = {}
         self.rejects = []
         self.offsets = {}
+        self.budgets = []
+        self.budget_events = []
 
     def landed_offsets(self, group):
         return dict(self.offsets)
@@ -24,10 +29,15 @@ class MemoryStore:
     def existing_event_ids(self, event_ids, start, end):
         return {e for e in event_ids if e in self.records}
 
+    def existing_alert_ids(self, alert_ids):
+        return {e[8] for e in self.budget_events if e[8] in alert_ids}
+
     def land(self, landing: Landing, group):
         for r in landing.records:
             self.records[r.event_id] = r
         self.rejects += landing.rejects
+        self.budgets += landing.budgets
+        self.budget_events += landing.budget_events
         self.offsets.update(landing.next_offsets)
 
 
@@ -43,7 +53,7 @@ def msg(offset, value, topic=ATTR, partition=0):
 
 
 def land(store, messages):
-    landing = plan_landing(messages, attributed_topic=ATTR, landed=store.offsets, store=store)
+    landing = plan_landing(messages, topics=Topics(), landed=store.offsets, store=store)
     store.land(landing, "g")
     return landing
 
@@ -84,3 +94,42 @@ def test_landing_token_is_deterministic():
     a = Landing(next_offsets={("t", 0): 5, ("t", 1): 9})
     b = Landing(next_offsets={("t", 1): 9, ("t", 0): 5})
     assert a.token("g") == b.token("g") != Landing(next_offsets={("t", 0): 6}).token("g")
+
+
+def test_budget_topics_land_definitions_transitions_and_each_alert_once():
+    t = Topics()
+    at = "2026-11-22T10:00:00Z"
+    definition = orjson.dumps(
+        {"tag": "team:a", "max_budget_usd": "10", "budget_duration": "1d", "created_at": at, "updated_at": at}
+    )
+    window = {
+        "window_start": at,
+        "window_end": at,
+        "spend_usd": "10",
+        "max_budget_usd": "10",
+        "tag": "team:a",
+    }
+
+    def signal(blocked, change):
+        return orjson.dumps({**window, "blocked": blocked, "updated_at": at, "change": change})
+
+    alert = orjson.dumps(
+        {**window, "alert_id": "a1", "kind": "threshold", "threshold_pct": 50, "spend_usd": "5", "at": at}
+    )
+    store = MemoryStore()
+    land(
+        store,
+        [
+            Message(t.budgets, 0, 0, definition, b"team:a"),
+            Message(t.budgets, 0, 1, None, b"team:a"),
+            Message(t.budget_blocks, 0, 0, signal(False, "update"), b"team:a"),
+            Message(t.budget_blocks, 0, 1, signal(True, "blocked"), b"team:a"),
+            Message(t.budget_blocks, 0, 2, None, b"team:a"),
+            Message(t.budget_alerts, 0, 0, alert, b"team:a"),
+            Message(t.budget_alerts, 0, 1, alert, b"team:a"),
+        ],
+    )
+    again = land(store, [Message(t.budget_alerts, 0, 2, alert, b"team:a")])
+    assert [(b[0], b[1], b[5]) for b in store.budgets] == [("team:a", Decimal("10"), 0), ("team:a", None, 1)]
+    assert [(e[2], e[3]) for e in store.budget_events] == [("blocked", None), ("alert", 50)]
+    assert again.duplicates == 1 and store.rejects == []

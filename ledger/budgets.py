@@ -1,0 +1,458 @@
+"""Budget windows, spend history and the block / alert decision (DESIGN §7). Pure.
+
+Times are epoch milliseconds; the caller passes "now". Money is Decimal USD.
+
+Windows
+    A budget's window is found from the tag's clock: the later of the wall
+    clock and the newest event time seen for the tag (so events stamped in the
+    next window start it, and a window also ends when no traffic arrives).
+    - calendar (default): `Ns`/`Nm`/`Nh` are aligned to the Unix epoch in UTC;
+      `Nd` to local midnights in the budget time zone, counted in blocks of N
+      days from Monday 1970-01-05 (so `1d` is a day and `7d` a Monday-started
+      week); `Nmo` to the 1st of the month at local midnight, in blocks of N
+      months from January (so `3mo` is a calendar quarter).
+    - sliding: the last N of time, moving by whole minutes: at time t the
+      window is [m + 1min - N, m + 1min) with m = t floored to the minute.
+    A window is half-open [start, end): an event exactly at `end` is in the next.
+
+Spend history (per tag), in three tiers that never overlap:
+    - second buckets that also hold the event ids counted in them, for the
+      dedupe horizon (duplicates of an event always fall in the same second,
+      so they are found there);
+    - minute buckets for `minute_history_ms`;
+    - local-day buckets for `day_history_ms` (older spend is forgotten).
+    A bucket moves to the coarser tier whole (all seconds of a minute, all
+    minutes of a day), so a coarse bucket never overlaps a live finer one; on
+    recovery a finer bucket that a coarser one covers is a leftover of an
+    interrupted move and is dropped. An event too late to fall in the second
+    tier is added straight to its minute or day bucket without an id check.
+
+Decisions
+    - alerts: each threshold (percent of `max_budget`, plus 100) fires once per
+      window; a budget created mid-window fires the thresholds already passed
+      once; an update re-arms only the thresholds not already passed under the
+      new budget; `soft_budget` alerts once per window and never blocks.
+    - block: spend >= max_budget; it lifts when the window ends, when the budget
+      is raised above the spend, or when it is deleted. For a sliding window the
+      block's end is when enough spend has slid out to fall below the budget.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from decimal import Decimal
+from functools import lru_cache
+from typing import Literal
+
+from ledger.errors import BudgetError
+from schemas.budgets import BudgetDefinition
+
+SECOND_MS = 1000
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+ZERO = Decimal(0)
+
+Unit = Literal["s", "m", "h", "d", "mo"]
+WindowMode = Literal["calendar", "sliding"]
+
+_UNIT_MS: dict[str, int] = {"s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
+_DURATION_RE = re.compile(r"^\s*(\d{1,6})\s*(mo|s|m|h|d)\s*$")
+MAX_SPAN_MS = 366 * DAY_MS
+MAX_MONTHS = 12
+MAX_SLIDING_MS = 7 * DAY_MS
+# Monday 1970-01-05: day windows of N days are counted from here, so 7d starts on Mondays.
+_EPOCH_MONDAY = date(1970, 1, 5).toordinal()
+DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 95)
+
+
+@dataclass(frozen=True)
+class Duration:
+    count: int
+    unit: Unit
+
+    def __str__(self) -> str:
+        return f"{self.count}{self.unit}"
+
+    @property
+    def ms(self) -> int | None:
+        """Length in ms; None for months (their length varies)."""
+        return None if self.unit == "mo" else self.count * _UNIT_MS[self.unit]
+
+
+def parse_duration(text: str) -> Duration:
+    """`30s`, `15m`, `1h`, `30d`, `1mo` -> Duration. Raises BudgetError with the rule broken."""
+    match = _DURATION_RE.match(text or "")
+    if not match:
+        raise BudgetError(
+            f"budget_duration {text!r} is not N followed by s, m, h, d or mo (e.g. '30d', '1mo')"
+        )
+    count, unit = int(match.group(1)), match.group(2)
+    if count < 1:
+        raise BudgetError("budget_duration must be at least 1")
+    if unit == "mo":
+        if count > MAX_MONTHS:
+            raise BudgetError(f"budget_duration is at most {MAX_MONTHS}mo")
+        return Duration(count, "mo")
+    span = count * _UNIT_MS[unit]
+    if span > MAX_SPAN_MS:
+        raise BudgetError("budget_duration is at most 366d")
+    if unit == "s" and count >= 60 and count % 60:
+        raise BudgetError("windows of a minute or more are whole minutes: write e.g. '2m', not '90s'")
+    return Duration(count, unit)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Window:
+    start_ms: int
+    end_ms: int
+
+    def contains(self, at_ms: int) -> bool:
+        return self.start_ms <= at_ms < self.end_ms
+
+
+def _local_midnight_ms(day: date, tz: tzinfo) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=tz).timestamp() * 1000)
+
+
+def local_date(at_ms: int, tz: tzinfo) -> date:
+    return datetime.fromtimestamp(at_ms / 1000, tz=UTC).astimezone(tz).date()
+
+
+def calendar_window(duration: Duration, at_ms: int, tz: tzinfo) -> Window:
+    if duration.unit in ("s", "m", "h"):
+        size = duration.count * _UNIT_MS[duration.unit]
+        start = at_ms // size * size
+        return Window(start, start + size)
+    day = local_date(at_ms, tz)
+    if duration.unit == "d":
+        block = (day.toordinal() - _EPOCH_MONDAY) // duration.count
+        first = date.fromordinal(_EPOCH_MONDAY + block * duration.count)
+        last = first + timedelta(days=duration.count)
+        return Window(_local_midnight_ms(first, tz), _local_midnight_ms(last, tz))
+    index = (day.year * 12 + day.month - 1) // duration.count * duration.count
+    end_index = index + duration.count
+    first = date(index // 12, index % 12 + 1, 1)
+    last = date(end_index // 12, end_index % 12 + 1, 1)
+    return Window(_local_midnight_ms(first, tz), _local_midnight_ms(last, tz))
+
+
+def sliding_window(duration: Duration, at_ms: int) -> Window:
+    length = duration.ms
+    if length is None:
+        raise BudgetError("sliding windows are measured in s, m, h or d, not months")
+    end = at_ms // MINUTE_MS * MINUTE_MS + MINUTE_MS
+    return Window(end - length, end)
+
+
+def check_window(duration: Duration, mode: WindowMode) -> None:
+    """Raise BudgetError for a duration the mode cannot serve."""
+    if mode != "sliding":
+        return
+    length = duration.ms
+    if length is None or length < MINUTE_MS or length % MINUTE_MS:
+        raise BudgetError("sliding windows are whole minutes from 1m to 7d (e.g. '1h', '24h', '7d')")
+    if length > MAX_SLIDING_MS:
+        raise BudgetError("sliding windows are at most 7d; use a calendar window for longer budgets")
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """A budget as the decision needs it (the wire form is schemas.budgets.BudgetDefinition)."""
+
+    tag: str
+    max_budget: Decimal | None
+    duration: Duration
+    mode: WindowMode = "calendar"
+    soft_budget: Decimal | None = None
+    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+
+    def window_at(self, at_ms: int, tz: tzinfo) -> Window:
+        if self.mode == "sliding":
+            return sliding_window(self.duration, at_ms)
+        return calendar_window(self.duration, at_ms, tz)
+
+    def alert_points(self) -> tuple[int, ...]:
+        """Thresholds that alert: the configured ones plus 100 (the block), when there is a max."""
+        if self.max_budget is None:
+            return ()
+        return tuple(sorted(set(self.thresholds) | {100}))
+
+
+def rule_of(definition: BudgetDefinition) -> BudgetRule:
+    duration = parse_duration(definition.budget_duration)
+    check_window(duration, definition.window)
+    return BudgetRule(
+        tag=definition.tag,
+        max_budget=definition.max_budget_usd,
+        duration=duration,
+        mode=definition.window,
+        soft_budget=definition.soft_budget_usd,
+        thresholds=tuple(definition.alert_thresholds),
+    )
+
+
+# ---------------------------------------------------------------- history
+
+# Every UTC offset in use is a multiple of 15 minutes, so a quarter hour never straddles a local midnight.
+_QUARTER_HOUR_MS = 900_000
+
+
+@lru_cache(maxsize=4096)
+def _day_start(quarter: int, tz: tzinfo) -> int:
+    return _local_midnight_ms(local_date(quarter * _QUARTER_HOUR_MS, tz), tz)
+
+
+Tier = Literal["s", "m", "d"]
+BucketKey = tuple[Tier, int]
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    tz: tzinfo = UTC
+    dedupe_ms: int = 5 * MINUTE_MS
+    minute_history_ms: int = 8 * DAY_MS
+    day_history_ms: int = 400 * DAY_MS
+
+
+@dataclass
+class SecondBucket:
+    amount: Decimal = ZERO
+    ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SpendHistory:
+    """One tag's spend by event time (see the module docstring for the tiers)."""
+
+    policy: HistoryPolicy
+    seconds: dict[int, SecondBucket] = field(default_factory=dict)
+    minutes: dict[int, Decimal] = field(default_factory=dict)
+    days: dict[int, Decimal] = field(default_factory=dict)
+    changed: set[BucketKey] = field(default_factory=set)
+
+    def day_start(self, at_ms: int) -> int:
+        return _day_start(at_ms // _QUARTER_HOUR_MS, self.policy.tz)
+
+    def add(self, event_id: str, at_ms: int, amount: Decimal) -> bool:
+        """Count one event's cost; False when this event was already counted."""
+        day = self.day_start(at_ms)
+        if day in self.days:
+            self.days[day] += amount
+            self.changed.add(("d", day))
+            return True
+        minute = at_ms // MINUTE_MS * MINUTE_MS
+        if minute in self.minutes:
+            self.minutes[minute] += amount
+            self.changed.add(("m", minute))
+            return True
+        second = at_ms // SECOND_MS * SECOND_MS
+        bucket = self.seconds.setdefault(second, SecondBucket())
+        if event_id in bucket.ids:
+            return False
+        bucket.ids.add(event_id)
+        bucket.amount += amount
+        self.changed.add(("s", second))
+        return True
+
+    def total(self, window: Window) -> Decimal:
+        """Spend with event time in the window (bounds on whole minutes, or seconds within the dedupe tier)."""
+        s, e = window.start_ms, window.end_ms
+        total = sum((b.amount for k, b in self.seconds.items() if s <= k < e), ZERO)
+        total += sum((v for k, v in self.minutes.items() if s <= k < e), ZERO)
+        total += sum((v for k, v in self.days.items() if s <= k < e), ZERO)
+        return total
+
+    def compact(self, now_ms: int) -> None:
+        """Move buckets that left a tier's horizon to the next tier; forget spend past the last."""
+        policy = self.policy
+        cutoff = now_ms - policy.dedupe_ms
+        moving: dict[int, Decimal] = defaultdict(lambda: ZERO)
+        for second in [k for k in self.seconds if k // MINUTE_MS * MINUTE_MS + MINUTE_MS <= cutoff]:
+            moving[second // MINUTE_MS * MINUTE_MS] += self.seconds.pop(second).amount
+            self.changed.add(("s", second))
+        for minute, amount in moving.items():
+            self.minutes[minute] = self.minutes.get(minute, ZERO) + amount
+            self.changed.add(("m", minute))
+        cutoff = now_ms - policy.minute_history_ms
+        days: dict[int, Decimal] = defaultdict(lambda: ZERO)
+        for minute in list(self.minutes):
+            day = self.day_start(minute)
+            if self.day_start(day + DAY_MS + HOUR_MS * 3) <= cutoff:  # the day's end (DST-proof)
+                days[day] += self.minutes.pop(minute)
+                self.changed.add(("m", minute))
+        for day, amount in days.items():
+            self.days[day] = self.days.get(day, ZERO) + amount
+            self.changed.add(("d", day))
+        cutoff = now_ms - policy.day_history_ms
+        for day in [k for k in self.days if k < cutoff]:
+            del self.days[day]
+            self.changed.add(("d", day))
+
+    def drop_covered(self) -> None:
+        """After recovery: drop finer buckets an interrupted move left behind."""
+        for minute in [k for k in self.minutes if self.day_start(k) in self.days]:
+            del self.minutes[minute]
+            self.changed.add(("m", minute))
+        for second in [k for k in self.seconds if k // MINUTE_MS * MINUTE_MS in self.minutes]:
+            del self.seconds[second]
+            self.changed.add(("s", second))
+
+    def release_at(self, window: Window, duration_ms: int, budget: Decimal) -> int:
+        """For a sliding window: when the spend in it falls below `budget` if nothing new comes."""
+        buckets: list[tuple[int, Decimal]] = [(k, b.amount) for k, b in self.seconds.items()]
+        buckets += list(self.minutes.items()) + list(self.days.items())
+        remaining = self.total(window)
+        for start, amount in sorted(b for b in buckets if window.start_ms <= b[0] < window.end_ms):
+            remaining -= amount
+            if remaining < budget:
+                # The bucket leaves the window when the window's start passes it.
+                return start // MINUTE_MS * MINUTE_MS + duration_ms + MINUTE_MS
+        return window.end_ms
+
+
+# ---------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """What the budget agent remembers for one budgeted tag."""
+
+    window: Window | None = None
+    spend: Decimal = ZERO
+    fired: frozenset[int] = frozenset()
+    soft_fired: bool = False
+    blocked: bool = False
+    block_end_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Alert:
+    tag: str
+    kind: Literal["threshold", "soft_budget"]
+    threshold_pct: int | None
+    spend: Decimal
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    window: Window
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    status: BudgetStatus
+    alerts: list[Alert]
+    change: Literal["none", "update", "blocked", "unblocked"]
+
+
+def percent(spend: Decimal, budget: Decimal) -> Decimal:
+    return spend * 100 / budget if budget > 0 else Decimal("Infinity") if spend > 0 else ZERO
+
+
+def evaluate(
+    rule: BudgetRule,
+    history: SpendHistory,
+    previous: BudgetStatus,
+    clock_ms: int,
+    *,
+    rule_changed: bool = False,
+    created: bool = False,
+) -> Evaluation:
+    """Decide the state of one budget at `clock_ms`.
+
+    `previous.spend` must already include events counted in `previous.window`
+    since it was computed (the caller adds them); a new window is summed from
+    the history. `created`: the budget is new (fire thresholds already passed);
+    `rule_changed`: it was updated (re-arm the thresholds not already passed).
+    """
+    window = rule.window_at(clock_ms, history.policy.tz)
+    new_window = window != previous.window
+    spend = history.total(window) if new_window or rule_changed else previous.spend
+    fired = frozenset() if new_window else previous.fired
+    soft_fired = False if new_window else previous.soft_fired
+
+    pct = percent(spend, rule.max_budget) if rule.max_budget is not None else ZERO
+    passed = frozenset(t for t in rule.alert_points() if pct >= t)
+    soft_passed = rule.soft_budget is not None and spend >= rule.soft_budget
+    if rule_changed and not created and not new_window:
+        fired = passed  # an update re-arms only what is not already passed
+        soft_fired = soft_passed
+    alerts = [
+        Alert(rule.tag, "threshold", t, spend, rule.max_budget, rule.soft_budget, window)
+        for t in sorted(passed - fired)
+    ]
+    if soft_passed and not soft_fired:
+        alerts.append(Alert(rule.tag, "soft_budget", None, spend, rule.max_budget, rule.soft_budget, window))
+    blocked = rule.max_budget is not None and spend >= rule.max_budget
+    block_end = None
+    if blocked and rule.max_budget is not None:
+        block_end = window.end_ms
+        if rule.mode == "sliding" and rule.duration.ms is not None:
+            block_end = history.release_at(window, rule.duration.ms, rule.max_budget)
+    status = BudgetStatus(window, spend, fired | passed, soft_fired or soft_passed, blocked, block_end)
+    if blocked != previous.blocked:
+        change: Literal["none", "update", "blocked", "unblocked"] = "blocked" if blocked else "unblocked"
+    elif replace(status, fired=previous.fired, soft_fired=previous.soft_fired) != previous or rule_changed:
+        change = "update"
+    else:
+        change = "none"
+    return Evaluation(status, alerts, change)
+
+
+@dataclass
+class TagAccount:
+    """Everything the budget agent keeps for one tag: its history, its budget and the budget's status."""
+
+    tag: str
+    history: SpendHistory
+    rule: BudgetRule | None = None
+    status: BudgetStatus = field(default_factory=BudgetStatus)
+    max_event_ms: int = 0
+    pending: Literal["", "created", "changed"] = ""
+    duplicates: int = 0
+
+    def clock(self, now_ms: int) -> int:
+        return max(now_ms, self.max_event_ms)
+
+    def add_spend(self, entries: list[tuple[str, int, Decimal]]) -> int:
+        """Count (event_id, event time, cost) entries; returns how many were new."""
+        counted = 0
+        window = self.status.window
+        spend = self.status.spend
+        for event_id, at_ms, amount in entries:
+            if not self.history.add(event_id, at_ms, amount):
+                self.duplicates += 1
+                continue
+            counted += 1
+            self.max_event_ms = max(self.max_event_ms, at_ms)
+            if window is not None and window.contains(at_ms):
+                spend += amount
+        self.status = replace(self.status, spend=spend)
+        return counted
+
+    def set_rule(self, rule: BudgetRule | None) -> None:
+        if rule == self.rule:
+            return
+        self.pending = "created" if self.rule is None else "changed"
+        self.rule = rule
+        if rule is None:
+            self.pending = ""
+            self.status = BudgetStatus()
+
+    def evaluate(self, now_ms: int) -> Evaluation | None:
+        """The budget's decision now (None without a budget)."""
+        if self.rule is None:
+            return None
+        result = evaluate(
+            self.rule,
+            self.history,
+            self.status,
+            self.clock(now_ms),
+            rule_changed=self.pending != "",
+            created=self.pending == "created",
+        )
+        self.status = result.status
+        self.pending = ""
+        return result

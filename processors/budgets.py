@@ -1,0 +1,230 @@
+"""Budget agent state: per-tag accounts (ledger.budgets) persisted in a changelog-backed table.
+
+Each history bucket, rule and status is its own table key, so a batch writes
+only what it changed (a busy tag's history is never rewritten whole). The
+changelog partition of every key is the `spend.tag-spend` partition its tag
+comes from. The in-memory accounts are rebuilt from the table after recovery.
+
+Replays: a replayed `spend.tag-spend` message carries the same event ids, and
+a bucket's value holds its amount together with the ids counted in it, written
+in one key, so the replay finds them whichever writes of a crashed batch landed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from ledger.budgets import (
+    Alert,
+    BudgetRule,
+    BudgetStatus,
+    Evaluation,
+    HistoryPolicy,
+    SecondBucket,
+    SpendHistory,
+    TagAccount,
+    Window,
+    rule_of,
+)
+from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition
+
+SEP = "\x00"
+
+
+def to_datetime(at_ms: int) -> datetime:
+    return datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+
+
+def block_signal(
+    tag: str, status: BudgetStatus, rule: BudgetRule | None, change: BlockChange, now_ms: int
+) -> BlockSignal:
+    window = status.window or Window(now_ms, now_ms)
+    return BlockSignal(
+        tag=tag,
+        blocked=status.blocked,
+        spend_usd=status.spend,
+        max_budget_usd=rule.max_budget if rule else None,
+        soft_budget_usd=rule.soft_budget if rule else None,
+        window_start=to_datetime(window.start_ms),
+        window_end=to_datetime(window.end_ms),
+        updated_at=to_datetime(now_ms),
+        change=change,
+        thresholds_fired=sorted(status.fired),
+        block_ends_at=to_datetime(status.block_end_ms) if status.block_end_ms is not None else None,
+    )
+
+
+def budget_alert(alert: Alert, now_ms: int) -> BudgetAlert:
+    ident = f"{alert.tag}|{alert.window.start_ms}|{alert.kind}|{alert.threshold_pct}"
+    return BudgetAlert(
+        alert_id=hashlib.blake2b(ident.encode(), digest_size=12).hexdigest(),
+        tag=alert.tag,
+        kind=alert.kind,
+        threshold_pct=alert.threshold_pct,
+        spend_usd=alert.spend,
+        max_budget_usd=alert.max_budget,
+        soft_budget_usd=alert.soft_budget,
+        window_start=to_datetime(alert.window.start_ms),
+        window_end=to_datetime(alert.window.end_ms),
+        at=to_datetime(now_ms),
+    )
+
+
+class BudgetStore:
+    """Accounts by tag, mirrored into a key/value table (`data`) with a changelog (`send`)."""
+
+    def __init__(self, data: MutableMapping[bytes, bytes], send: Any, policy: HistoryPolicy) -> None:
+        self.data = data
+        self.send = send  # send(partition, key, value | None)
+        self.policy = policy
+        self.accounts: dict[str, TagAccount] = {}
+        self.partitions: dict[str, int] = {}
+        self.definitions: dict[str, BudgetDefinition] = {}
+
+    def account(self, tag: str, partition: int) -> TagAccount:
+        self.partitions[tag] = partition
+        found = self.accounts.get(tag)
+        if found is None:
+            found = self.accounts[tag] = TagAccount(tag, SpendHistory(self.policy))
+        return found
+
+    def budgeted(self, partitions: set[int]) -> Iterable[TagAccount]:
+        return [
+            a for t, a in self.accounts.items() if a.rule is not None and self.partitions[t] in partitions
+        ]
+
+    def set_definition(self, account: TagAccount, definition: BudgetDefinition | None) -> None:
+        if definition is None:
+            self.definitions.pop(account.tag, None)
+            account.set_rule(None)
+        else:
+            self.definitions[account.tag] = definition
+            account.set_rule(rule_of(definition))
+
+    # ------------------------------------------------------------ persistence
+
+    def _put(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
+        raw_key = key.encode()
+        if value is None:
+            if self.data.pop(raw_key, None) is not None:
+                self.send(partition, raw_key, None)
+            return
+        value["p"] = partition
+        raw = orjson.dumps(value)
+        self.data[raw_key] = raw
+        self.send(partition, raw_key, raw)
+
+    def persist(self, account: TagAccount, *, rule: bool = False) -> None:
+        """Write what changed in the account: its touched buckets, its status, and its rule if asked."""
+        tag = account.tag
+        partition = self.partitions[tag]
+        history = account.history
+        for tier, start in history.changed:
+            key = f"{tier}{SEP}{tag}{SEP}{start}"
+            if tier == "s":
+                bucket = history.seconds.get(start)
+                value = {"a": str(bucket.amount), "i": sorted(bucket.ids)} if bucket else None
+            else:
+                amount = (history.minutes if tier == "m" else history.days).get(start)
+                value = {"a": str(amount)} if amount is not None else None
+            self._put(partition, key, value)
+        history.changed.clear()
+        if rule:
+            definition = self.definitions.get(tag)
+            self._put(
+                partition, f"r{SEP}{tag}", {"def": definition.model_dump(mode="json")} if definition else None
+            )
+        status = account.status
+        self._put(
+            partition,
+            f"t{SEP}{tag}",
+            {
+                "w": [status.window.start_ms, status.window.end_ms] if status.window else None,
+                "spend": str(status.spend),
+                "fired": sorted(status.fired),
+                "soft": status.soft_fired,
+                "blocked": status.blocked,
+                "end": status.block_end_ms,
+                "max_ms": account.max_event_ms,
+                "pending": account.pending,
+            },
+        )
+
+    def rebuild(self, partitions: set[int]) -> None:
+        """Rebuild the accounts from the table (after recovery), keeping only the given partitions."""
+        self.accounts.clear()
+        self.partitions.clear()
+        self.definitions.clear()
+        foreign: list[bytes] = []
+        for raw_key, raw in list(self.data.items()):
+            value = orjson.loads(raw)
+            kind, tag, *rest = raw_key.decode().split(SEP)
+            partition = int(value["p"])
+            if partition not in partitions:
+                foreign.append(raw_key)
+                continue
+            account = self.account(tag, partition)
+            history = account.history
+            if kind == "s":
+                history.seconds[int(rest[0])] = SecondBucket(Decimal(value["a"]), set(value["i"]))
+            elif kind == "m":
+                history.minutes[int(rest[0])] = Decimal(value["a"])
+            elif kind == "d":
+                history.days[int(rest[0])] = Decimal(value["a"])
+            elif kind == "r":
+                definition = BudgetDefinition.model_validate(value["def"])
+                self.definitions[tag] = definition
+                account.rule = rule_of(definition)
+            elif kind == "t":
+                w = value["w"]
+                account.status = BudgetStatus(
+                    window=Window(w[0], w[1]) if w else None,
+                    spend=Decimal(value["spend"]),
+                    fired=frozenset(value["fired"]),
+                    soft_fired=value["soft"],
+                    blocked=value["blocked"],
+                    block_end_ms=value["end"],
+                )
+                account.max_event_ms = value["max_ms"]
+                account.pending = value["pending"]
+        for raw_key in foreign:
+            self.data.pop(raw_key, None)
+        for account in self.accounts.values():
+            account.history.drop_covered()
+            if account.history.changed:
+                self.persist(account)
+
+    def compact(self, now_ms: int, partitions: set[int]) -> int:
+        """Move old buckets to coarser tiers; forget accounts with neither budget nor history."""
+        forgotten = 0
+        for tag, account in list(self.accounts.items()):
+            if self.partitions[tag] not in partitions:
+                continue
+            account.history.compact(account.clock(now_ms))
+            if account.history.changed:
+                self.persist(account)
+            h = account.history
+            if account.rule is None and not (h.seconds or h.minutes or h.days):
+                self._put(self.partitions[tag], f"t{SEP}{tag}", None)
+                del self.accounts[tag]
+                del self.partitions[tag]
+                forgotten += 1
+        return forgotten
+
+
+def outcome_messages(
+    account: TagAccount, result: Evaluation | None, now_ms: int
+) -> tuple[BlockSignal | None, list[BudgetAlert]]:
+    """What to send for one evaluation: the block state when it changed, and the alerts."""
+    if result is None:
+        return None, []
+    signal = None
+    if result.change != "none":
+        signal = block_signal(account.tag, result.status, account.rule, result.change, now_ms)
+    return signal, [budget_alert(a, now_ms) for a in result.alerts]

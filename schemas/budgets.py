@@ -1,0 +1,80 @@
+"""Budget wire contracts (DESIGN §6-7): definitions on `spend.budgets`, spend deltas on
+`spend.tag-spend`, block state on `spend.budget-blocks`, alerts on `spend.budget-alerts`.
+
+Money is Decimal USD, sent as a JSON string so no digit is lost; times are ISO-8601 UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WindowMode = Literal["calendar", "sliding"]
+BudgetSource = Literal["tag", "app_limit"]
+BlockChange = Literal["update", "blocked", "unblocked", "deleted"]
+
+
+class BudgetDefinition(BaseModel):
+    """Value on `spend.budgets` (key: the tag). A tombstone deletes the budget."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tag: str
+    max_budget_usd: Decimal | None = None
+    soft_budget_usd: Decimal | None = None
+    budget_duration: str
+    window: WindowMode = "calendar"
+    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 95])
+    source: BudgetSource = "tag"
+    description: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SpendEntry(BaseModel):
+    event_id: str
+    occurred_ms: int
+    cost_usd: Decimal
+
+
+class TagSpend(BaseModel):
+    """Value on `spend.tag-spend` (key: the tag): the spend of one attribute batch for the tag,
+    or a budget definition forwarded from `spend.budgets` (so both arrive in order per tag)."""
+
+    type: Literal["spend", "budget"]
+    entries: list[SpendEntry] = Field(default_factory=list)
+    definition: BudgetDefinition | None = None
+
+
+class BlockSignal(BaseModel):
+    """Value on `spend.budget-blocks` (key: the tag): the latest state of the tag's budget."""
+
+    tag: str
+    blocked: bool
+    spend_usd: Decimal
+    max_budget_usd: Decimal | None
+    window_start: datetime
+    window_end: datetime
+    updated_at: datetime
+    change: BlockChange = "update"
+    soft_budget_usd: Decimal | None = None
+    thresholds_fired: list[int] = Field(default_factory=list)
+    block_ends_at: datetime | None = None
+
+
+class BudgetAlert(BaseModel):
+    """Value on `spend.budget-alerts` (key: the tag). `alert_id` is the same for a re-sent alert."""
+
+    alert_id: str
+    tag: str
+    kind: Literal["threshold", "soft_budget"]
+    threshold_pct: int | None
+    spend_usd: Decimal
+    max_budget_usd: Decimal | None
+    soft_budget_usd: Decimal | None = None
+    window_start: datetime
+    window_end: datetime
+    at: datetime

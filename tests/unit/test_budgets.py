@@ -1,0 +1,321 @@
+"""Budget windows, spend history tiers and the block / alert decision (ledger.budgets)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ledger.budgets import (
+    DAY_MS,
+    MINUTE_MS,
+    BudgetRule,
+    BudgetStatus,
+    Duration,
+    HistoryPolicy,
+    SpendHistory,
+    TagAccount,
+    Window,
+    calendar_window,
+    check_window,
+    evaluate,
+    parse_duration,
+    sliding_window,
+)
+from ledger.errors import BudgetError
+
+D = Decimal
+
+
+def ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def iso(at_ms: int, tz: str = "UTC") -> str:
+    return datetime.fromtimestamp(at_ms / 1000, tz=ZoneInfo(tz)).isoformat()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", Duration(30, "s")),
+        ("2m", Duration(2, "m")),
+        ("1h", Duration(1, "h")),
+        ("30d", Duration(30, "d")),
+        ("1mo", Duration(1, "mo")),
+        (" 12mo ", Duration(12, "mo")),
+        ("120s", Duration(120, "s")),
+        ("366d", Duration(366, "d")),
+    ],
+)
+def test_durations_parse(text: str, expected: Duration) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is not N"),
+        ("30", "is not N"),
+        ("1w", "is not N"),
+        ("-1d", "is not N"),
+        ("1.5d", "is not N"),
+        ("0d", "at least 1"),
+        ("13mo", "at most 12mo"),
+        ("367d", "at most 366d"),
+        ("90s", "whole minutes"),
+    ],
+)
+def test_bad_durations_say_why(text: str, message: str) -> None:
+    with pytest.raises(BudgetError, match=message):
+        parse_duration(text)
+
+
+UTC_TZ = ZoneInfo("UTC")
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+@pytest.mark.parametrize(
+    ("duration", "at", "tz", "start", "end"),
+    [
+        # A day starts at midnight UTC; an event exactly at midnight is in the new day.
+        ("1d", "2026-11-22T13:45:00+00:00", "UTC", "2026-11-22T00:00:00+00:00", "2026-11-23T00:00:00+00:00"),
+        ("1d", "2026-11-23T00:00:00+00:00", "UTC", "2026-11-23T00:00:00+00:00", "2026-11-24T00:00:00+00:00"),
+        (
+            "1d",
+            "2026-11-22T23:59:59.999+00:00",
+            "UTC",
+            "2026-11-22T00:00:00+00:00",
+            "2026-11-23T00:00:00+00:00",
+        ),
+        # A week starts on Monday (2026-11-23 is a Monday).
+        ("7d", "2026-11-22T10:00:00+00:00", "UTC", "2026-11-16T00:00:00+00:00", "2026-11-23T00:00:00+00:00"),
+        ("7d", "2026-11-23T00:00:00+00:00", "UTC", "2026-11-23T00:00:00+00:00", "2026-11-30T00:00:00+00:00"),
+        # Months: lengths differ, leap February included.
+        ("1mo", "2026-11-22T10:00:00+00:00", "UTC", "2026-11-01T00:00:00+00:00", "2026-12-01T00:00:00+00:00"),
+        ("1mo", "2028-02-29T23:00:00+00:00", "UTC", "2028-02-01T00:00:00+00:00", "2028-03-01T00:00:00+00:00"),
+        ("1mo", "2026-12-31T23:59:59+00:00", "UTC", "2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        ("3mo", "2026-11-22T10:00:00+00:00", "UTC", "2026-10-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+        (
+            "12mo",
+            "2026-11-22T10:00:00+00:00",
+            "UTC",
+            "2026-01-01T00:00:00+00:00",
+            "2027-01-01T00:00:00+00:00",
+        ),
+        # Hours and minutes align to the epoch in UTC.
+        ("1h", "2026-11-22T13:45:10+00:00", "UTC", "2026-11-22T13:00:00+00:00", "2026-11-22T14:00:00+00:00"),
+        ("15m", "2026-11-22T13:45:10+00:00", "UTC", "2026-11-22T13:45:00+00:00", "2026-11-22T14:00:00+00:00"),
+        ("30s", "2026-11-22T13:45:10+00:00", "UTC", "2026-11-22T13:45:00+00:00", "2026-11-22T13:45:30+00:00"),
+        # A configured zone: Berlin midnight, also across the DST change (25-hour day on 2026-10-25).
+        (
+            "1d",
+            "2026-11-22T23:30:00+00:00",
+            "Europe/Berlin",
+            "2026-11-23T00:00:00+01:00",
+            "2026-11-24T00:00:00+01:00",
+        ),
+        (
+            "1d",
+            "2026-10-25T12:00:00+00:00",
+            "Europe/Berlin",
+            "2026-10-25T00:00:00+02:00",
+            "2026-10-26T00:00:00+01:00",
+        ),
+        (
+            "1mo",
+            "2026-10-31T23:30:00+00:00",
+            "Europe/Berlin",
+            "2026-11-01T00:00:00+01:00",
+            "2026-12-01T00:00:00+01:00",
+        ),
+    ],
+)
+def test_calendar_windows(duration: str, at: str, tz: str, start: str, end: str) -> None:
+    window = calendar_window(parse_duration(duration), ms(at), ZoneInfo(tz))
+    assert (iso(window.start_ms, tz), iso(window.end_ms, tz)) == (
+        datetime.fromisoformat(start).astimezone(ZoneInfo(tz)).isoformat(),
+        datetime.fromisoformat(end).astimezone(ZoneInfo(tz)).isoformat(),
+    )
+    assert window.contains(ms(at))
+
+
+def test_sliding_window_moves_by_whole_minutes() -> None:
+    window = sliding_window(parse_duration("1h"), ms("2026-11-22T13:45:10+00:00"))
+    assert window == Window(ms("2026-11-22T12:46:00+00:00"), ms("2026-11-22T13:46:00+00:00"))
+    with pytest.raises(BudgetError, match="whole minutes"):
+        check_window(parse_duration("30s"), "sliding")
+    with pytest.raises(BudgetError, match="at most 7d"):
+        check_window(parse_duration("8d"), "sliding")
+    with pytest.raises(BudgetError, match="whole minutes"):
+        check_window(parse_duration("1mo"), "sliding")
+    check_window(parse_duration("7d"), "sliding")
+
+
+def history(tz: str = "UTC") -> SpendHistory:
+    return SpendHistory(HistoryPolicy(tz=ZoneInfo(tz)))
+
+
+def test_history_counts_an_event_id_once() -> None:
+    h = history()
+    at = ms("2026-11-22T10:00:00.250+00:00")
+    assert h.add("e1", at, D("1.5"))
+    assert not h.add("e1", at, D("1.5"))
+    assert h.add("e2", at + 10, D("0.25"))
+    assert h.total(Window(at - 1000, at + 1000)) == D("1.75")
+
+
+def test_history_tiers_keep_totals_exact_and_never_overlap() -> None:
+    h = history("Europe/Berlin")
+    base = ms("2026-11-10T08:00:00+00:00")
+    for i in range(600):
+        h.add(f"e{i}", base + i * 7_777, D("0.001001"))
+    day = Window(ms("2026-11-10T00:00:00+01:00"), ms("2026-11-11T00:00:00+01:00"))
+    assert h.total(day) == D("0.600600")
+    h.compact(base + 75 * MINUTE_MS)  # seconds older than 5 minutes become minutes
+    assert h.seconds and h.minutes
+    assert all(k // MINUTE_MS * MINUTE_MS not in h.minutes for k in h.seconds)
+    assert h.total(day) == D("0.600600")
+    h.compact(base + 10 * DAY_MS)  # minutes of days that ended 8 days ago become days
+    assert h.days and not h.minutes and not h.seconds
+    assert h.total(day) == D("0.600600")
+    # A late event for a compacted day still counts, straight in the day bucket.
+    assert h.add("late", base, D("1"))
+    assert h.total(day) == D("1.600600")
+    h.compact(base + 401 * DAY_MS)
+    assert not h.days
+
+
+def test_recovery_drops_buckets_an_interrupted_move_left_behind() -> None:
+    h = history()
+    at = ms("2026-11-22T10:00:00+00:00")
+    h.add("e1", at, D("2"))
+    h.minutes[at] = D("2")  # the minute was written, the second not yet deleted
+    h.drop_covered()
+    assert h.total(Window(at, at + MINUTE_MS)) == D("2")
+
+
+def rule(**kw: object) -> BudgetRule:
+    values: dict[str, object] = {"tag": "team:support", "max_budget": D("10"), "duration": Duration(1, "d")}
+    values.update(kw)
+    return BudgetRule(**values)  # type: ignore[arg-type]
+
+
+NOW = ms("2026-11-22T12:00:00+00:00")
+
+
+def test_thresholds_fire_once_per_window_then_block_at_max() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    fired: list[int | None] = []
+    for i, cost in enumerate(["4", "1", "3", "1", "0.5", "0.5", "2"]):
+        account.add_spend([(f"e{i}", NOW + i, D(cost))])
+        result = account.evaluate(NOW + 1000)
+        assert result is not None
+        fired += [a.threshold_pct for a in result.alerts]
+        if i == 4:
+            assert result.change == "none" and not result.status.blocked  # 9.5 of 10
+        if i == 5:
+            assert result.change == "blocked" and result.status.spend == D("10")
+    assert fired == [50, 80, 95, 100]
+    assert account.status.spend == D("12")
+
+
+def test_block_lifts_when_the_window_ends_without_traffic() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("10"))])
+    assert account.evaluate(NOW).status.blocked  # type: ignore[union-attr]
+    result = account.evaluate(ms("2026-11-23T00:00:00+00:00"))
+    assert result is not None and result.change == "unblocked"
+    assert result.status.spend == 0 and result.status.fired == frozenset()
+
+
+def test_events_in_the_next_window_start_it() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("10"))])
+    account.evaluate(NOW)
+    account.add_spend([("e2", ms("2026-11-23T00:00:00+00:00"), D("3"))])
+    result = account.evaluate(NOW)  # wall clock still on the 22nd; the tag's clock moved on
+    assert result is not None and result.change == "unblocked" and result.status.spend == D("3")
+    # A late event for the closed window is kept in the history but not in the current window.
+    account.add_spend([("e3", NOW + 5, D("1"))])
+    assert account.evaluate(NOW).status.spend == D("3")  # type: ignore[union-attr]
+    assert account.history.total(
+        Window(ms("2026-11-22T00:00:00+00:00"), ms("2026-11-23T00:00:00+00:00"))
+    ) == D("11")
+
+
+def test_budget_created_mid_window_counts_earlier_spend_and_fires_passed_thresholds() -> None:
+    account = TagAccount("team:support", history())
+    account.add_spend([("e1", NOW - 3_600_000, D("6")), ("e2", ms("2026-11-21T23:00:00+00:00"), D("100"))])
+    assert account.evaluate(NOW) is None  # no budget yet
+    account.set_rule(rule())
+    result = account.evaluate(NOW)
+    assert result is not None
+    assert result.status.spend == D("6")  # yesterday's 100 is another window
+    assert [a.threshold_pct for a in result.alerts] == [50]
+
+
+def test_raising_the_budget_unblocks_and_rearms_only_thresholds_not_passed() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("12"))])
+    assert account.evaluate(NOW).status.blocked  # type: ignore[union-attr]
+    account.set_rule(rule(max_budget=D("20")))
+    result = account.evaluate(NOW)
+    assert result is not None and result.change == "unblocked" and result.alerts == []
+    account.add_spend([("e2", NOW, D("4"))])  # 16 of 20 = 80 %: re-armed, fires
+    assert [a.threshold_pct for a in account.evaluate(NOW).alerts] == [80]  # type: ignore[union-attr]
+
+
+def test_deleting_the_budget_forgets_its_status_but_not_the_spend() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("12"))])
+    account.evaluate(NOW)
+    account.set_rule(None)
+    assert account.evaluate(NOW) is None and account.status == BudgetStatus()
+    account.set_rule(rule(max_budget=D("100")))
+    assert account.evaluate(NOW).status.spend == D("12")  # type: ignore[union-attr]
+
+
+def test_soft_budget_alerts_once_and_never_blocks() -> None:
+    account = TagAccount("team:support", history(), rule(max_budget=None, soft_budget=D("5")))
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("6"))])
+    first = account.evaluate(NOW)
+    account.add_spend([("e2", NOW, D("60"))])
+    second = account.evaluate(NOW)
+    assert first is not None and [a.kind for a in first.alerts] == ["soft_budget"]
+    assert second is not None and second.alerts == [] and not second.status.blocked
+
+
+def test_duplicates_do_not_count_twice() -> None:
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    account.evaluate(NOW)
+    assert account.add_spend([("e1", NOW, D("3")), ("e1", NOW, D("3"))]) == 1
+    assert account.add_spend([("e1", NOW, D("3"))]) == 0
+    assert account.status.spend == D("3") and account.duplicates == 2
+
+
+def test_sliding_block_ends_when_enough_spend_slides_out() -> None:
+    sliding = rule(duration=Duration(1, "h"), mode="sliding")
+    account = TagAccount("team:support", history(), sliding)
+    account.pending = "created"
+    account.add_spend([("e1", NOW - 50 * MINUTE_MS, D("6")), ("e2", NOW - 10 * MINUTE_MS, D("5"))])
+    result = account.evaluate(NOW)
+    assert result is not None and result.status.blocked and result.status.spend == D("11")
+    # Dropping the first 6 brings it to 5 < 10: that happens when the window no longer holds its minute.
+    assert result.status.block_end_ms == NOW - 50 * MINUTE_MS + 3_600_000 + MINUTE_MS
+    later = account.evaluate(NOW + 11 * MINUTE_MS)
+    assert later is not None and later.change == "unblocked" and later.status.spend == D("5")
+
+
+def test_zero_budget_blocks_everything() -> None:
+    status = evaluate(rule(max_budget=D("0")), history(), BudgetStatus(), NOW, created=True).status
+    assert status.blocked
