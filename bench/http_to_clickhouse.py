@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import socket
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from common import embedded_system, machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spendledger.embedded import EmbeddedSystem  # noqa: E402
+from spendledger.embedded import EmbeddedSystem
 
 MODELS = [
     "openai/gpt-4o",
@@ -31,12 +24,6 @@ MODELS = [
     "anthropic/claude-3-5-sonnet-20241022",
     "google/gemini-2.5-pro",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def batch(start: int, size: int, run: str) -> dict:
@@ -89,36 +76,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
     run = f"bench{int(time.time())}"
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDLEDGER_")}
-        system = EmbeddedSystem(
-            Path(tmp), port=free_port(), kafka_port=free_port(), env=env, say=lambda _: None
-        )
-        print("starting the embedded system…", flush=True)
-        system.start()
-        try:
-            started = time.perf_counter()
-            send_s = asyncio.run(send_all(system, args.events, args.batch, args.clients, run))
-            admin = {"Authorization": f"Bearer {system.admin_key}"}
-            query = {
-                "query": f"SELECT count(), sum(cost_usd) FROM spend_records WHERE startsWith(request_id, '{run}-')"
-            }
-            while True:
-                rows = httpx.post(f"{system.api_url}/v1/sql", json=query, headers=admin, timeout=60).json()[
-                    "rows"
-                ]
-                landed = rows[0][0]
-                print(f"  landed {landed:>8,} / {args.events:,}", flush=True)
-                if landed >= args.events:
-                    break
-                time.sleep(1)
-            total_s = time.perf_counter() - started
-        finally:
-            system.stop()
+    with embedded_system() as system:
+        started = time.perf_counter()
+        send_s = asyncio.run(send_all(system, args.events, args.batch, args.clients, run))
+        admin = {"Authorization": f"Bearer {system.admin_key}"}
+        query = {
+            "query": f"SELECT count(), sum(cost_usd) FROM spend_records WHERE startsWith(request_id, '{run}-')"
+        }
+        while True:
+            rows = httpx.post(f"{system.api_url}/v1/sql", json=query, headers=admin, timeout=60).json()[
+                "rows"
+            ]
+            landed = rows[0][0]
+            print(f"  landed {landed:>8,} / {args.events:,}", flush=True)
+            if landed >= args.events:
+                break
+            time.sleep(1)
+        total_s = time.perf_counter() - started
     print()
-    print(
-        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
-    )
+    print(machine())
     print(f"{'events':<34}{args.events:>12,}")
     print(f"{'HTTP ingest (202 after Kafka ack)':<34}{args.events / send_s:>12,.0f} events/s")
     print(f"{'HTTP -> ClickHouse rows':<34}{args.events / total_s:>12,.0f} events/s")

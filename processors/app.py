@@ -70,8 +70,29 @@ def load_price_book(path: Path | None) -> PriceBook:
     return PriceBook(parse_price_overrides(path.read_text(encoding="utf-8")))
 
 
+def shorten_fetch_wait(max_wait_ms: int) -> None:
+    """faust-streaming hard-codes `fetch_max_wait_ms=1500` for its consumer. A broker that holds
+    a fetch for the full wait instead of answering when data arrives (as Tansu does) then adds up
+    to 1.5 s per hop; each hop of the budget path (raw -> joined -> tag-spend) pays it."""
+    import aiokafka  # type: ignore[import-untyped]
+
+    original = aiokafka.AIOKafkaConsumer
+    if getattr(original, "_spendledger_fetch_wait", None) == max_wait_ms:
+        return
+
+    class Consumer(original):  # type: ignore[misc, valid-type]
+        _spendledger_fetch_wait = max_wait_ms
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["fetch_max_wait_ms"] = max_wait_ms
+            super().__init__(*args, **kwargs)
+
+    aiokafka.AIOKafkaConsumer = Consumer
+
+
 def create_app(settings: Settings) -> faust.App:
     topics = settings.topics
+    shorten_fetch_wait(settings.worker_fetch_wait_ms)
     app = faust.App(
         topics.faust_app_id,
         broker="kafka://" + settings.kafka_bootstrap.replace(",", ";"),

@@ -89,6 +89,11 @@ class CompactedView(Generic[T]):
             return None
         return max(0.0, time.monotonic() - self._current_at)
 
+    def mark_current(self) -> None:
+        """Declare the view complete without a topic (in-memory use: tests, tools)."""
+        self._current_at = time.monotonic()
+        self._ready.set()
+
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until the view has read the topic to its end once."""
         return self._ready.wait(timeout_s)

@@ -23,7 +23,11 @@ class TopicReader:
     def __init__(self, bootstrap: str, topic: str):
         self.topic = topic
         self.consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "enable.partition.eof": False}
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"t-{uuid.uuid4().hex}",
+                "enable.partition.eof": False,
+            }
         )
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -78,10 +82,14 @@ def guard(ledger):
 
 
 def admin(ledger, method: str, path: str, **kw):
-    return ledger.http.request(method, path, headers={"Authorization": f"Bearer {ledger.system.admin_key}"}, **kw)
+    return ledger.http.request(
+        method, path, headers={"Authorization": f"Bearer {ledger.system.admin_key}"}, **kw
+    )
 
 
-def spend_event(team: str, *, at: datetime | None = None, event_id: str | None = None, app: str | None = None) -> dict:
+def spend_event(
+    team: str, *, at: datetime | None = None, event_id: str | None = None, app: str | None = None
+) -> dict:
     request_id = f"b_{uuid.uuid4().hex[:16]}"
     headers = {"x-litellm-tags": f"team:{team},env:prod"}
     if app:
@@ -136,7 +144,12 @@ def wait_until(fn, timeout: float = 30, what: str = "condition"):
 def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics, guard):
     team = f"bt{uuid.uuid4().hex[:8]}"
     tag = f"team:{team}"
-    r = admin(ledger, "POST", "/tag/new", json={"name": f"Team:{team}", "max_budget": "0.045", "budget_duration": "1d"})
+    r = admin(
+        ledger,
+        "POST",
+        "/tag/new",
+        json={"name": f"Team:{team}", "max_budget": "0.045", "budget_duration": "1d"},
+    )
     assert r.status_code == 200, r.text
     created = r.json()
     assert created["name"] == tag and created["spend"] == 0 and created["blocked"] is False
@@ -153,8 +166,18 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     send(ledger, [spend_event(team) for _ in range(2)])
     blocks = topics["blocks"].wait(tag, lambda v: any(x and x["blocked"] for x in v))
     block = next(x for x in blocks if x and x["blocked"])
-    assert Decimal(block["spend_usd"]) == 10 * EVENT_COST and Decimal(block["max_budget_usd"]) == Decimal("0.045")
-    assert set(block) >= {"tag", "blocked", "spend_usd", "max_budget_usd", "window_start", "window_end", "updated_at"}
+    assert Decimal(block["spend_usd"]) == 10 * EVENT_COST and Decimal(block["max_budget_usd"]) == Decimal(
+        "0.045"
+    )
+    assert set(block) >= {
+        "tag",
+        "blocked",
+        "spend_usd",
+        "max_budget_usd",
+        "window_start",
+        "window_end",
+        "updated_at",
+    }
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     assert datetime.fromisoformat(block["window_start"]) == today
     assert datetime.fromisoformat(block["window_end"]) == today + timedelta(days=1)
@@ -167,7 +190,9 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     assert decision["allowed"] is False and decision["blocked_by"][0]["tag"] == tag
     info = admin(ledger, "GET", "/tag/info", params={"names": tag}).json()[tag]
     assert info["blocked"] is True and Decimal(str(info["spend"])) == 10 * EVENT_COST
-    assert Decimal(str(info["spend"])) == ledger_spend(ledger, tag, info["window_start"], info["budget_reset_at"])
+    assert Decimal(str(info["spend"])) == ledger_spend(
+        ledger, tag, info["window_start"], info["budget_reset_at"]
+    )
     # The sink lands the alerts and the block in budget_events.
     ledger.wait_for(
         f"SELECT event_type, threshold_pct FROM budget_events WHERE tag = '{tag}' ORDER BY at, event_type",
@@ -186,7 +211,10 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     tomorrow = today + timedelta(days=1, hours=1)
     send(ledger, [spend_event(team, at=tomorrow)])
     latest = topics["blocks"].wait(
-        tag, lambda v: v[-1] is not None and datetime.fromisoformat(v[-1]["window_start"]) == today + timedelta(days=1)
+        tag,
+        lambda v: (
+            v[-1] is not None and datetime.fromisoformat(v[-1]["window_start"]) == today + timedelta(days=1)
+        ),
     )[-1]
     assert latest["blocked"] is False and Decimal(latest["spend_usd"]) == EVENT_COST
     wait_until(lambda: guard.check([tag]).allowed, what="the new window to unblock")
@@ -204,7 +232,9 @@ def test_budget_set_mid_window_counts_earlier_spend_and_duplicates_count_once(le
     events = [spend_event(team, event_id=f"dup-{team}-{i}") for i in range(4)]
     send(ledger, events)
     send(ledger, events[:2])  # retried by the producer: same event ids
-    ledger.wait_for(f"SELECT count() FROM spend_records WHERE has(tags, '{tag}')", lambda rows: rows[0][0] == 4)
+    ledger.wait_for(
+        f"SELECT count() FROM spend_records WHERE has(tags, '{tag}')", lambda rows: rows[0][0] == 4
+    )
 
     r = admin(ledger, "POST", "/tag/new", json={"name": tag, "max_budget": "0.018", "budget_duration": "1d"})
     assert r.status_code == 200, r.text
@@ -225,7 +255,9 @@ def test_app_limit_and_current_usage_in_credits(ledger):
     assert r.status_code == 200 and r.json()["success"] is True, r.text
     send(ledger, [spend_event("apps", app=app) for _ in range(3)])
     tag = f"app:{app}"
-    ledger.wait_for(f"SELECT count() FROM spend_records WHERE has(tags, '{tag}')", lambda rows: rows[0][0] == 3)
+    ledger.wait_for(
+        f"SELECT count() FROM spend_records WHERE has(tags, '{tag}')", lambda rows: rows[0][0] == 3
+    )
     usage = admin(ledger, "GET", f"/v1/usage/app/{app}/current").json()
     assert usage["app_id"] == app and usage["app_name"] == f"{app} (name)"
     assert Decimal(str(usage["current_usage"])) == 3 * EVENT_COST * 100  # credits
