@@ -52,7 +52,7 @@ class BudgetServices:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
-class TagNew(BaseModel):
+class _BudgetFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(min_length=1, max_length=256)
@@ -60,18 +60,14 @@ class TagNew(BaseModel):
     soft_budget: Money | None = None
     budget_duration: str | None = Field(default=None, max_length=16)
     alert_thresholds: Thresholds | None = None
+
+
+class TagNew(_BudgetFields):
     window: WindowMode = "calendar"
     description: str | None = Field(default=None, max_length=1024)
 
 
-class TagUpdate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(min_length=1, max_length=256)
-    max_budget: Money | None = None
-    soft_budget: Money | None = None
-    budget_duration: str | None = Field(default=None, max_length=16)
-    alert_thresholds: Thresholds | None = None
+class TagUpdate(_BudgetFields):
     window: WindowMode | None = None
 
 

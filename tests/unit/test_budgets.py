@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -319,3 +319,44 @@ def test_sliding_block_ends_when_enough_spend_slides_out() -> None:
 def test_zero_budget_blocks_everything() -> None:
     status = evaluate(rule(max_budget=D("0")), history(), BudgetStatus(), NOW, created=True).status
     assert status.blocked
+
+
+def test_budget_store_rebuilds_the_same_accounts_from_its_table():
+    from processors.budgets import BudgetStore
+    from schemas.budgets import BudgetDefinition
+
+    data: dict[bytes, bytes] = {}
+    changelog: list[tuple[int, bytes, bytes | None]] = []
+    policy = HistoryPolicy()
+    store = BudgetStore(data, lambda p, k, v: changelog.append((p, k, v)), policy)
+    definition = BudgetDefinition(
+        tag="team:a",
+        max_budget_usd=D("1"),
+        budget_duration="1d",
+        created_at=datetime.now(UTC),
+        updated_at=datetime.now(UTC),
+    )
+    account = store.account("team:a", 2)
+    store.set_definition(account, definition)
+    account.add_spend(
+        [("e1", NOW - 10 * DAY_MS, D("0.5")), ("e2", NOW, D("0.25")), ("e3", NOW + 1500, D("0.75"))]
+    )
+    account.evaluate(NOW + 2000)
+    store.persist(account, rule=True)
+    other = store.account("team:b", 3)
+    other.add_spend([("e9", NOW, D("9"))])
+    store.persist(other)
+    store.compact(NOW + 2000, {2, 3})  # e1 moves to a day bucket
+    assert account.history.days
+
+    rebuilt = BudgetStore(dict(data), lambda *_: None, policy)
+    rebuilt.rebuild({2})  # partition 3 now belongs to another worker
+    again = rebuilt.accounts["team:a"]
+    assert set(rebuilt.accounts) == {"team:a"} and rebuilt.partitions == {"team:a": 2}
+    assert again.rule == account.rule and again.status == account.status and again.status.blocked
+    assert again.history.seconds == account.history.seconds and again.history.days == account.history.days
+    assert again.max_event_ms == NOW + 1500
+    # Replaying the same spend after recovery counts nothing twice.
+    assert again.add_spend([("e2", NOW, D("0.25")), ("e3", NOW + 1500, D("0.75"))]) == 0
+    # Every key written went to the changelog partition of its tag.
+    assert {p for p, k, _ in changelog if b"team:a" in k} == {2}
