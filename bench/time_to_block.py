@@ -16,7 +16,6 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 import httpx
 from common import embedded_system, machine
@@ -52,7 +51,6 @@ def run_rate(
     seconds: int,
     budgets: int,
     crossing: int,
-    worker_metrics: Callable[[], str] | None = None,
 ) -> dict:
     run = f"ttb{rate}-{uuid.uuid4().hex[:6]}"
     admin = {"Authorization": f"Bearer {system.admin_key}"}
@@ -123,8 +121,6 @@ def run_rate(
         time.sleep(0.05)
     stop.set()
     watcher.join()
-    if worker_metrics:
-        print(worker_metrics(), flush=True)
     latencies = [seen[t] - accepted[t] for t in accepted if t in seen] or [float("nan")]
     return {
         "rate": rate,
@@ -139,23 +135,12 @@ def run_rate(
     }
 
 
-def batch_times(system: EmbeddedSystem) -> str:
-    text = httpx.get(f"http://127.0.0.1:{system.worker_port}/metrics", timeout=10).text
-    lines = [
-        ln
-        for ln in text.splitlines()
-        if ln.startswith("spendledger_worker_batch_seconds_") and ("_sum" in ln or "_count" in ln)
-    ]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", default="200,2000")
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--budgets", type=int, default=100)
     parser.add_argument("--crossing", type=int, default=5, help="the event that reaches each budget")
-    parser.add_argument("--verbose", action="store_true", help="print the worker's batch times per agent")
     args = parser.parse_args()
     results = []
     with embedded_system() as system:
@@ -167,17 +152,7 @@ def main() -> None:
         if not guard.wait_ready(30):
             raise SystemExit("the guard did not catch up with spend.budget-blocks")
         for rate in [int(r) for r in args.rates.split(",")]:
-            results.append(
-                run_rate(
-                    system,
-                    guard,
-                    rate,
-                    args.seconds,
-                    args.budgets,
-                    args.crossing,
-                    worker_metrics=(lambda: batch_times(system)) if args.verbose else None,
-                )
-            )
+            results.append(run_rate(system, guard, rate, args.seconds, args.budgets, args.crossing))
         guard.stop()
     print()
     print(machine())

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.errors import BudgetsUnavailable, Conflict, InvalidBudget, NotFound
 from ingest.publisher import EventPublisher
-from ledger.budgets import Window, rule_of
+from ledger.budgets import Duration, Window, calendar_window, rule_of
 from ledger.errors import BudgetError
 from ledger.tags import AttributionPolicy, normalize
 from schemas.budgets import BudgetDefinition, WindowMode
@@ -343,14 +343,11 @@ def create_router(
         tag = _app_tag(app_id, services.policy)
         definition = registry.get(tag)
         limit_type = _limit_type(definition.budget_duration) if definition else None
+        now = services.clock()
         if definition is not None:
-            window = current_window(definition, services.clock())
+            window = current_window(definition, now)
         else:
-            probe = build_definition(
-                tag, max_budget=None, soft_budget=None, duration="1mo", thresholds=[], window="calendar",
-                now=services.clock(),
-            )  # fmt: skip
-            window = current_window(probe, services.clock())
+            window = calendar_window(Duration(1, "mo"), int(now.timestamp() * 1000), services.tz)
         start, end = _dt(window.start_ms), _dt(window.end_ms)
         spend, name = await asyncio.gather(
             asyncio.to_thread(services.spend.spend, tag, start, end),

@@ -120,17 +120,7 @@ def create_app(settings: Settings) -> faust.App:
     attributed_topic = app.topic(topics.attributed, partitions=settings.topic_partitions)
     dead_letter_topic = app.topic(topics.dead_letter, partitions=settings.topic_partitions)
     tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
-    budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
-    blocks_topic = app.topic(topics.budget_blocks, partitions=settings.topic_partitions)
-    alerts_topic = app.topic(topics.budget_alerts, partitions=settings.topic_partitions)
-    table = app.Table(
-        "pending-calls",
-        partitions=settings.topic_partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="Join state per request_id",
-    )
-    state = JoinState(table)
+    state = JoinState(state_table(app, settings, "pending-calls", "Join state per request_id"))
     timeouts = settings.join_timeouts()
     attributor = Attributor(settings.attribution_policy(), load_price_book(settings.price_overrides_file))
 
@@ -215,7 +205,7 @@ def create_app(settings: Settings) -> faust.App:
                 await tag_spend_topic.send(key=tag.encode(), value=spend.model_dump_json().encode())
             metrics.BATCH_SECONDS.labels("attribute").observe(time.perf_counter() - started)
 
-    install_budgets(app, settings, tag_spend_topic, budgets_topic, blocks_topic, alerts_topic, reject)
+    install_budgets(app, settings, tag_spend_topic, reject)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -244,24 +234,18 @@ def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendEn
     return out
 
 
-def install_budgets(
-    app: faust.App,
-    settings: Settings,
-    tag_spend_topic: Any,
-    budgets_topic: Any,
-    blocks_topic: Any,
-    alerts_topic: Any,
-    reject: Any,
-) -> None:
+def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
+    """A changelog-backed table of raw bytes, written explicitly by its agent (see JoinState)."""
+    return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
+
+
+def install_budgets(app: faust.App, settings: Settings, tag_spend_topic: Any, reject: Any) -> None:
     """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer."""
     topics = settings.topics
-    table = app.Table(
-        "budget-state",
-        partitions=settings.topic_partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="Spend history, budget and status per tag",
-    )
+    budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
+    blocks_topic = app.topic(topics.budget_blocks, partitions=settings.topic_partitions)
+    alerts_topic = app.topic(topics.budget_alerts, partitions=settings.topic_partitions)
+    table = state_table(app, settings, "budget-state", "Spend history, budget and status per tag")
     store = BudgetStore(table.data, table.send_changelog, settings.history_policy())
     compacted_at = [0.0]
 

@@ -141,6 +141,10 @@ class BudgetStore:
                 partition, f"r{SEP}{tag}", {"def": definition.model_dump(mode="json")} if definition else None
             )
         status = account.status
+        if account.rule is None:
+            # Nothing to remember without a budget (the clock comes back from the history).
+            self._put(partition, f"t{SEP}{tag}", None)
+            return
         self._put(
             partition,
             f"t{SEP}{tag}",
@@ -196,6 +200,7 @@ class BudgetStore:
         for raw_key in foreign:
             self.data.pop(raw_key, None)
         for account in self.accounts.values():
+            account.max_event_ms = max(account.max_event_ms, max(account.history.seconds, default=0))
             account.history.drop_covered()
             if account.history.changed:
                 self.persist(account)
