@@ -241,7 +241,11 @@ def test_budget_set_mid_window_counts_earlier_spend_and_duplicates_count_once(le
     wait_until(lambda: not guard.check([tag]).allowed, what="the block from spend before the budget existed")
     signal = guard.view.get(tag)
     assert signal is not None and signal.spend_usd == 4 * EVENT_COST
-    info = admin(ledger, "GET", "/tag/info", params={"names": tag}).json()[tag]
+    # The API's own view of spend.budget-blocks is another consumer: it may be a moment behind ours.
+    info = wait_until(
+        lambda: (i := admin(ledger, "GET", "/tag/info", params={"names": tag}).json()[tag])["blocked"] and i,
+        what="the API to see the block",
+    )
     assert Decimal(str(info["spend"])) == 4 * EVENT_COST == signal.spend_usd
     assert info["blocked"] is True and info["thresholds_fired"] == [50, 80, 95, 100]
 
