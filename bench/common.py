@@ -7,7 +7,8 @@ import platform
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,8 +27,7 @@ def free_port() -> int:
 def embedded_system(**env_overrides: str) -> Iterator[EmbeddedSystem]:
     """The whole system on free ports in a temporary data dir, stopped on exit."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDLEDGER_")}
-        env.update(env_overrides)
+        env = clean_env(**env_overrides)
         system = EmbeddedSystem(
             Path(tmp), port=free_port(), kafka_port=free_port(), env=env, say=lambda _: None
         )
@@ -37,6 +37,34 @@ def embedded_system(**env_overrides: str) -> Iterator[EmbeddedSystem]:
             yield system
         finally:
             system.stop()
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This environment without the caller's own SPENDLEDGER_ settings, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDLEDGER_")}
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """Prints `label: done / total (rate/s)` at most once a second, and a last line when done."""
+    started = time.perf_counter()
+    shown = [0.0, -1]
+
+    def show(done: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        print(f"  {label}: {done:>10,} / {total:,}  ({rate:,.0f}/s, {elapsed:.0f} s)", flush=True)
+        shown[:] = [time.perf_counter(), done]
+
+    def tick(done: int) -> None:
+        if time.perf_counter() - shown[0] >= 1.0:
+            show(done)
+
+    yield tick
+    if shown[1] != total:
+        show(total)
 
 
 def machine() -> str:

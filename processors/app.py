@@ -1,19 +1,22 @@
-"""The Faust app: join (spend.raw -> spend.joined), attribute (-> spend.attributed and
-spend.tag-spend), and budgets (spend.budgets forwarded into spend.tag-spend; tag-spend ->
-spend.budget-blocks and spend.budget-alerts).
+"""The Faust app: `ledger` (spend.raw -> join -> attribute -> spend.attributed and
+spend.tag-spend), and the budgets (spend.budgets forwarded into spend.tag-spend;
+tag-spend -> spend.budget-blocks and spend.budget-alerts).
 
-Agents are thin: decode -> validate -> one ledger call -> send. Concurrency is 1
-(faust-streaming can commit past an unprocessed message with more), delivery is
-at-least-once, and replays are absorbed by the join's done markers and the
-sink's event_id check.
+Agents are thin: decode -> validate -> ledger calls -> queue output in the outbox,
+whose flush ends each batch. Concurrency is 1 (faust-streaming can commit past an
+unprocessed message with more), delivery is at-least-once, and replays are absorbed
+by the join's done markers, the budgets' event ids and the sink's event_id check.
+Join and attribution run in one agent: a second hop through Kafka would cost more
+than all the ledger work of an event.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 import orjson
@@ -26,12 +29,23 @@ from ledger.pricing import parse_price_overrides
 from processors import metrics
 from processors.budgets import BudgetStore, block_signal, outcome_messages
 from processors.deadletter import dead_letter, describe
+from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition, SpendEntry, TagSpend
 from schemas.events import RawEvent
 from schemas.records import AttributedRecord
 from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """Where a rejected input came from (a Kafka message, or a join timer's call)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
 class JoinState:
@@ -73,7 +87,7 @@ def load_price_book(path: Path | None) -> PriceBook:
 def shorten_fetch_wait(max_wait_ms: int) -> None:
     """faust-streaming hard-codes `fetch_max_wait_ms=1500` for its consumer. A broker that holds
     a fetch for the full wait instead of answering when data arrives (as Tansu does) then adds up
-    to 1.5 s per hop; each hop of the budget path (raw -> joined -> tag-spend) pays it."""
+    to 1.5 s per hop; each hop of the budget path (raw -> tag-spend -> blocks) pays it."""
     import aiokafka  # type: ignore[import-untyped]
 
     original = aiokafka.AIOKafkaConsumer
@@ -116,54 +130,74 @@ def create_app(settings: Settings) -> faust.App:
         web_in_thread=False,
     )
     raw_topic = app.topic(topics.raw, partitions=settings.topic_partitions)
-    joined_topic = app.topic(topics.joined, partitions=settings.topic_partitions)
-    attributed_topic = app.topic(topics.attributed, partitions=settings.topic_partitions)
-    dead_letter_topic = app.topic(topics.dead_letter, partitions=settings.topic_partitions)
-    tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
+    outbox = Outbox(settings.kafka_config())
     state = JoinState(state_table(app, settings, "pending-calls", "Join state per request_id"))
     timeouts = settings.join_timeouts()
     attributor = Attributor(settings.attribution_policy(), load_price_book(settings.price_overrides_file))
 
-    async def reject(stage: str, event: Any, reason: str) -> None:
-        message = event.message
+    def reject(stage: str, source: Source, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(stage).inc()
-        await dead_letter_topic.send(
-            key=message.key,
-            value=dead_letter(
-                source_topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
+        outbox.put(
+            topics.dead_letter,
+            source.key,
+            dead_letter(
+                source_topic=source.topic,
+                partition=source.partition,
+                offset=source.offset,
                 reason=reason,
-                payload=message.value,
+                payload=source.value,
             ),
         )
 
-    async def emit(calls: list[JoinedCall]) -> None:
+    def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[AttributedRecord]:
+        records = []
         for call in calls:
             metrics.CALLS_JOINED.labels(call.join_kind).inc()
-            await joined_topic.send(key=call.request_id.encode(), value=call.encode())
+            try:
+                record = attributor.record(call)
+            except (LedgerError, ValidationError, ValueError, KeyError, TypeError) as exc:
+                reject(
+                    "attribute", source or TimedOut(topics.raw, call), f"cannot attribute: {describe(exc)}"
+                )
+                continue
+            for entry in record.invalid_tags:
+                metrics.INVALID_TAGS.labels(entry.partition("|")[0]).inc()
+            metrics.RECORDS_OUT.labels(record.price_source).inc()
+            records.append(record)
+        return records
+
+    def publish(records: list[AttributedRecord]) -> None:
+        """The records, then one spend message per tag for all of them (the budgets' input)."""
+        for record in records:
+            outbox.put(topics.attributed, record.request_id.encode(), record.model_dump_json().encode())
+        for tag, entries in tag_spend_entries(records).items():
+            spend = TagSpend(type="spend", entries=entries)
+            outbox.put(topics.tag_spend, tag.encode(), spend.model_dump_json().encode())
 
     @app.agent(raw_topic, concurrency=1)
-    async def join(stream: Any) -> None:
+    async def ledger(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
+            records: list[AttributedRecord] = []
             for event in events:
+                message = event.message
                 try:
-                    data = orjson.loads(event.message.value)
+                    data = orjson.loads(message.value)
                     RawEvent.model_validate(data)
                 except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
-                    await reject("join", event, f"invalid raw event: {describe(exc)}")
+                    reject("join", message, f"invalid raw event: {describe(exc)}")
                     continue
                 metrics.EVENTS_IN.labels(data["kind"]).inc()
                 key = data["request_id"].encode()
-                partition = event.message.partition
-                step = on_event(state.get(key), data, partition=partition, now_ms=now_ms)
+                step = on_event(state.get(key), data, partition=message.partition, now_ms=now_ms)
                 if step.duplicate:
                     metrics.DUPLICATES.inc()
-                state.apply(key, step, partition)
-                await emit(step.emitted)
-            metrics.BATCH_SECONDS.labels("join").observe(time.perf_counter() - started)
+                state.apply(key, step, message.partition)
+                records += attribute(step.emitted, message)
+            publish(records)
+            await outbox.flush()
+            metrics.BATCH_SECONDS.labels("ledger").observe(time.perf_counter() - started)
 
     @app.timer(settings.join_sweep_interval_s)
     async def sweep() -> None:
@@ -171,41 +205,21 @@ def create_app(settings: Settings) -> faust.App:
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.raw}
         now_ms = int(time.time() * 1000)
         pending = 0
+        records: list[AttributedRecord] = []
         for key, raw in state.items():
             current = PendingCall.decode(raw)
             if current.partition not in assigned:
                 continue
             step = on_tick(current, now_ms=now_ms, timeouts=timeouts)
             state.apply(key, step, current.partition)
-            await emit(step.emitted)
+            records += attribute(step.emitted, None)
             if step.state is not None and step.state.done_ms is None:
                 pending += 1
+        publish(records)
+        await outbox.flush()
         metrics.PENDING_CALLS.set(pending)
 
-    @app.agent(joined_topic, concurrency=1)
-    async def attribute(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
-            started = time.perf_counter()
-            records: list[AttributedRecord] = []
-            for event in events:
-                try:
-                    call = JoinedCall.decode(event.message.value)
-                    record = attributor.record(call)
-                except (LedgerError, ValidationError, ValueError, KeyError, TypeError) as exc:
-                    await reject("attribute", event, f"cannot attribute: {describe(exc)}")
-                    continue
-                for entry in record.invalid_tags:
-                    metrics.INVALID_TAGS.labels(entry.partition("|")[0]).inc()
-                metrics.RECORDS_OUT.labels(record.price_source).inc()
-                await attributed_topic.send(key=event.message.key, value=record.model_dump_json().encode())
-                records.append(record)
-            # After the records: one spend message per tag for the whole batch.
-            for tag, entries in tag_spend_entries(records).items():
-                spend = TagSpend(type="spend", entries=entries)
-                await tag_spend_topic.send(key=tag.encode(), value=spend.model_dump_json().encode())
-            metrics.BATCH_SECONDS.labels("attribute").observe(time.perf_counter() - started)
-
-    install_budgets(app, settings, tag_spend_topic, reject)
+    install_budgets(app, settings, outbox, reject)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -234,17 +248,27 @@ def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendEn
     return out
 
 
+class TimedOut:
+    """The source of a call the join timer emitted (no Kafka message of its own)."""
+
+    def __init__(self, topic: str, call: JoinedCall) -> None:
+        self.topic = topic
+        self.partition = -1
+        self.offset = -1
+        self.key: bytes | None = call.request_id.encode()
+        self.value: bytes | None = call.encode()
+
+
 def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
     """A changelog-backed table of raw bytes, written explicitly by its agent (see JoinState)."""
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
 
 
-def install_budgets(app: faust.App, settings: Settings, tag_spend_topic: Any, reject: Any) -> None:
+def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: Any) -> None:
     """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer."""
     topics = settings.topics
     budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
-    blocks_topic = app.topic(topics.budget_blocks, partitions=settings.topic_partitions)
-    alerts_topic = app.topic(topics.budget_alerts, partitions=settings.topic_partitions)
+    tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
     table = state_table(app, settings, "budget-state", "Spend history, budget and status per tag")
     store = BudgetStore(table.data, table.send_changelog, settings.history_policy())
     compacted_at = [0.0]
@@ -257,30 +281,32 @@ def install_budgets(app: faust.App, settings: Settings, tag_spend_topic: Any, re
         store.rebuild(assigned())
         metrics.BUDGET_TAGS.set(len(store.accounts))
 
-    async def publish(tag: str, result: Any, now_ms: int) -> None:
+    def publish(tag: str, result: Any, now_ms: int) -> None:
         account = store.accounts[tag]
         signal, alerts = outcome_messages(account, result, now_ms)
         if signal is not None:
             metrics.BUDGET_SIGNALS.labels(signal.change).inc()
-            await blocks_topic.send(key=tag.encode(), value=signal.model_dump_json().encode())
+            outbox.put(topics.budget_blocks, tag.encode(), signal.model_dump_json().encode())
         for alert in alerts:
             metrics.BUDGET_ALERTS.labels(alert.kind).inc()
-            await alerts_topic.send(key=tag.encode(), value=alert.model_dump_json().encode())
+            outbox.put(topics.budget_alerts, tag.encode(), alert.model_dump_json().encode())
 
     @app.agent(budgets_topic, concurrency=1)
     async def forward_budgets(stream: Any) -> None:
         """Budget definitions join their tag's spend stream, so both are applied in order."""
-        async for event in stream.events():
-            message = event.message
-            try:
-                definition = (
-                    None if message.value is None else BudgetDefinition.model_validate_json(message.value)
-                )
-            except ValidationError as exc:
-                await reject("budgets", event, f"invalid budget definition: {describe(exc)}")
-                continue
-            value = TagSpend(type="budget", definition=definition)
-            await tag_spend_topic.send(key=message.key, value=value.model_dump_json().encode())
+        async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            for event in events:
+                message = event.message
+                try:
+                    definition = (
+                        None if message.value is None else BudgetDefinition.model_validate_json(message.value)
+                    )
+                except ValidationError as exc:
+                    reject("budgets", message, f"invalid budget definition: {describe(exc)}")
+                    continue
+                value = TagSpend(type="budget", definition=definition)
+                outbox.put(topics.tag_spend, message.key, value.model_dump_json().encode())
+            await outbox.flush()
 
     @app.agent(tag_spend_topic, concurrency=1)
     async def budgets(stream: Any) -> None:
@@ -308,18 +334,19 @@ def install_budgets(app: faust.App, settings: Settings, tag_spend_topic: Any, re
                         metrics.BUDGET_DUPLICATES.inc(len(spend.entries) - counted)
                         touched.setdefault(tag, False)
                 except (LedgerError, ValidationError, ValueError, AttributeError) as exc:
-                    await reject("budgets", event, f"cannot apply to a budget: {describe(exc)}")
+                    reject("budgets", message, f"cannot apply to a budget: {describe(exc)}")
             now_ms = int(time.time() * 1000)
             for tag, status, rule in deleted:
                 signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(
                     update={"blocked": False}
                 )
                 metrics.BUDGET_SIGNALS.labels("deleted").inc()
-                await blocks_topic.send(key=tag.encode(), value=signal.model_dump_json().encode())
+                outbox.put(topics.budget_blocks, tag.encode(), signal.model_dump_json().encode())
             for tag, rule_changed in touched.items():
                 account = store.accounts[tag]
-                await publish(tag, account.evaluate(now_ms), now_ms)
+                publish(tag, account.evaluate(now_ms), now_ms)
                 store.persist(account, rule=rule_changed)
+            await outbox.flush()
             metrics.BUDGET_TAGS.set(len(store.accounts))
             metrics.BATCH_SECONDS.labels("budgets").observe(time.perf_counter() - started)
 
@@ -331,8 +358,9 @@ def install_budgets(app: faust.App, settings: Settings, tag_spend_topic: Any, re
         for account in store.budgeted(partitions):
             result = account.evaluate(now_ms)
             if result is not None and (result.change != "none" or result.alerts):
-                await publish(account.tag, result, now_ms)
+                publish(account.tag, result, now_ms)
                 store.persist(account)
+        await outbox.flush()
         if time.monotonic() - compacted_at[0] >= 60:
             compacted_at[0] = time.monotonic()
             store.compact(now_ms, partitions)
@@ -343,6 +371,9 @@ def run_worker(settings: Settings) -> None:
     """Run one Faust worker in the foreground until SIGINT/SIGTERM."""
     from faust.worker import Worker
 
+    from spendledger.kafka import ensure_topics
+
+    ensure_topics(settings)  # the outbox writes topics no agent reads, so Faust would not declare them
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -19,11 +19,6 @@ class Topics:
         return self._name("spend.raw")
 
     @property
-    def joined(self) -> str:
-        """Internal: request and usage joined into one call, keyed by request_id."""
-        return self._name("spend.joined")
-
-    @property
     def attributed(self) -> str:
         return self._name("spend.attributed")
 
@@ -56,7 +51,6 @@ class Topics:
         """Topic name -> compacted, for the topics we create up front."""
         return {
             self.raw: False,
-            self.joined: False,
             self.attributed: False,
             self.tag_spend: False,
             self.budgets: True,

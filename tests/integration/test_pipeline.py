@@ -271,7 +271,7 @@ def test_no_credential_reaches_kafka_or_clickhouse(ledger):
     consumer = Consumer(
         {"bootstrap.servers": ledger.bootstrap, "group.id": uid("audit"), "auto.offset.reset": "earliest"}
     )
-    consumer.subscribe([f"{prefix}spend.raw", f"{prefix}spend.joined", f"{prefix}spend.attributed"])
+    consumer.subscribe([f"{prefix}spend.raw", f"{prefix}spend.attributed", f"{prefix}spend.tag-spend"])
     seen = b""
     found_raw = found_attributed = False
     for _ in range(60):
