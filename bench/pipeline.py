@@ -13,12 +13,13 @@ start-up (consumer group join, table recovery) is not in it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ MODELS = [
     "google/gemini-2.5-pro",
 ]
 TEAMS = 5
+EVENT_TIME_RATE = 10_000  # events per second of event time in the pre-filled topic
 
 
 def event(i: int, run: str) -> dict[str, Any]:
@@ -60,11 +62,13 @@ def prefill(settings: Settings, total: int, run: str) -> float:
     from confluent_kafka import Producer
 
     producer = Producer(settings.kafka_config(**{"linger.ms": 20, "batch.num.messages": 10_000}))
-    received_at = datetime.now(UTC)
+    # Event times as a gateway doing EVENT_TIME_RATE calls/s would stamp them, ending now.
+    first = datetime.now(UTC) - timedelta(seconds=total / EVENT_TIME_RATE)
     started = time.perf_counter()
     with progress("prefill spend.raw", total) as tick:
         for i in range(total):
-            value = sanitize(RawEvent.model_validate(event(i, run)), received_at=received_at)
+            at = first + timedelta(seconds=i / EVENT_TIME_RATE)
+            value = sanitize(RawEvent.model_validate(event(i, run)), received_at=at)
             while True:
                 try:
                     producer.produce(
@@ -123,8 +127,9 @@ def wait_landed(system: EmbeddedSystem, total: int, run: str, started: float) ->
                 break
             failed = system.exited_child()
             if failed:
-                log = (system.log_dir / f"{failed}.log").read_text(errors="replace")
-                raise RuntimeError(f"the {failed} exited; the end of its log:\n{log[-3000:]}")
+                kept = Path(tempfile.mkdtemp(prefix="spendledger-bench-logs-"))
+                shutil.copytree(system.log_dir, kept, dirs_exist_ok=True)
+                raise RuntimeError(f"the {failed} exited; its log is kept in {kept}")
             time.sleep(0.5)
     sustained = total * 0.8 / max(marks[0.9] - marks[0.1], 1e-9)
     seconds = time.perf_counter() - started

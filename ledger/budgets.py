@@ -222,6 +222,15 @@ class HistoryPolicy:
 class SecondBucket:
     amount: Decimal = ZERO
     ids: set[str] = field(default_factory=set)
+    # Counted since the last `take_unsaved()`: a store writes only these (a hot second's ids
+    # would otherwise be rewritten whole, and grow past a Kafka message, on every batch).
+    unsaved_ids: list[str] = field(default_factory=list)
+    unsaved_amount: Decimal = ZERO
+
+    def take_unsaved(self) -> tuple[list[str], Decimal]:
+        taken = self.unsaved_ids, self.unsaved_amount
+        self.unsaved_ids, self.unsaved_amount = [], ZERO
+        return taken
 
 
 @dataclass
@@ -255,6 +264,8 @@ class SpendHistory:
             return False
         bucket.ids.add(event_id)
         bucket.amount += amount
+        bucket.unsaved_ids.append(event_id)
+        bucket.unsaved_amount += amount
         self.changed.add(("s", second))
         return True
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, ClassVar
 
 from genai_prices import Usage as CatalogUsage
 from genai_prices import data_snapshot
@@ -129,6 +129,7 @@ class PriceBook:
         for group in self._overrides.values():
             group.sort(key=lambda o: o.effective_from, reverse=True)
         self._catalog: dict[tuple[str | None, str], Any] = {}
+        self._linear: dict[int, tuple[Any, LinearPrice | None]] = {}
 
     def _override(self, provider: str | None, model: str, at: datetime) -> PriceOverride | None:
         for key in ((provider, model.lower()), (None, model.lower())):
@@ -175,26 +176,96 @@ class PriceBook:
         found = self._catalog_model(provider_id, model_ref) if model_ref else None
         if found is not None:
             catalog_provider, catalog_model = found
-            model_price = catalog_model.get_prices(at)
-            result = model_price.calc_price(
-                CatalogUsage(
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cache_read_tokens=usage.cache_read_tokens,
-                    cache_write_tokens=usage.cache_write_tokens,
-                )
-            )
+            total, input_cost, output_cost = self._catalog_cost(catalog_model.get_prices(at), usage)
             return Price(
-                usd(result["total_price"]),
-                usd(result["input_price"]),
-                usd(result["output_price"]),
-                "catalog",
-                catalog_provider.id,
-                model_ref,
+                usd(total), usd(input_cost), usd(output_cost), "catalog", catalog_provider.id, model_ref
             )
         if reported_cost_usd is not None:
             return Price(usd(reported_cost_usd), None, None, "reported", provider_id or "", model_ref)
         return Price(None, None, None, "unpriced", provider_id or "", model_ref)
+
+    def _catalog_cost(self, model_price: Any, usage: TokenUsage) -> tuple[Decimal, Decimal, Decimal]:
+        """(total, input, output) cost: by the linear form when the price has one, else by the catalog."""
+        cached = self._linear.get(id(model_price))
+        if cached is None:  # keep the price object alive with its id
+            cached = self._linear[id(model_price)] = (model_price, LinearPrice.of(model_price))
+        linear = cached[1]
+        counts = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+        if linear is not None and counts[2] + counts[3] <= counts[0]:
+            return linear.cost(counts)
+        return catalog_cost(model_price, counts)
+
+
+Counts = tuple[int, int, int, int]  # input (cached included), output, cache read, cache write tokens
+
+
+def catalog_cost(model_price: Any, counts: Counts) -> tuple[Decimal, Decimal, Decimal]:
+    """(total, input, output) cost as the genai-prices catalog computes it."""
+    result = model_price.calc_price(
+        CatalogUsage(
+            input_tokens=counts[0],
+            output_tokens=counts[1],
+            cache_read_tokens=counts[2],
+            cache_write_tokens=counts[3],
+        )
+    )
+    return result["total_price"], result["input_price"], result["output_price"]
+
+
+@dataclass(frozen=True)
+class LinearPrice:
+    """A catalog price with no tiers is linear in the token counts: per (total, input, output) cost,
+    a fixed part plus a USD-per-million rate for each count. The rates are read off the catalog's own
+    calculation and checked against it, so this is the catalog's result, only without its
+    per-call unit bookkeeping (most of the worker's time per event, measured)."""
+
+    fixed: tuple[Decimal, Decimal, Decimal]
+    rates: tuple[Counts, ...]  # per count: (total, input, output) USD per million
+
+    PROBES: ClassVar[tuple[Counts, ...]] = (
+        (1_234_567, 7_654_321, 234_567, 34_567),
+        (1, 3, 0, 1),
+        (10, 0, 10, 0),
+    )
+
+    @classmethod
+    def of(cls, model_price: Any) -> LinearPrice | None:
+        if any(type(v).__name__ == "TieredPrices" for v in vars(model_price).values()):
+            return None
+        try:
+            fixed = catalog_cost(model_price, (0, 0, 0, 0))
+            million = [catalog_cost(model_price, c) for c in _UNIT_COUNTS]
+        except (ValueError, ArithmeticError, LookupError):
+            return None  # the catalog refuses some usage shapes: leave them all to it
+        # A cache count comes with as many input tokens, so its rate is what it adds to theirs.
+        rates = tuple(
+            tuple(m[k] - (million[0] if i >= 2 else fixed)[k] for k in range(3))
+            for i, m in enumerate(million)
+        )
+        linear = cls(fixed, rates)  # type: ignore[arg-type]
+        try:
+            if any(linear.cost(c) != catalog_cost(model_price, c) for c in cls.PROBES):
+                return None
+        except (ValueError, ArithmeticError, LookupError):
+            return None
+        return linear
+
+    def cost(self, counts: Counts) -> tuple[Decimal, Decimal, Decimal]:
+        r = self.rates
+        return tuple(  # type: ignore[return-value]
+            self.fixed[k]
+            + (counts[0] * r[0][k] + counts[1] * r[1][k] + counts[2] * r[2][k] + counts[3] * r[3][k]) / MTOK
+            for k in range(3)
+        )
+
+
+# One million of each count; a cache count comes with as many input tokens (it is part of them).
+_UNIT_COUNTS: tuple[Counts, ...] = (
+    (1_000_000, 0, 0, 0),
+    (0, 1_000_000, 0, 0),
+    (1_000_000, 0, 1_000_000, 0),
+    (1_000_000, 0, 0, 1_000_000),
+)
 
 
 def parse_price_overrides(text: str) -> tuple[PriceOverride, ...]:

@@ -5,9 +5,13 @@ only what it changed (a busy tag's history is never rewritten whole). The
 changelog partition of every key is the `spend.tag-spend` partition its tag
 comes from. The in-memory accounts are rebuilt from the table after recovery.
 
+A second bucket (the dedupe tier) is written as parts, `s|tag|second|n`: each
+batch writes only the ids it added (at most a batch's worth), so a hot second is
+never rewritten whole and no value outgrows a Kafka message.
+
 Replays: a replayed `spend.tag-spend` message carries the same event ids, and
-a bucket's value holds its amount together with the ids counted in it, written
-in one key, so the replay finds them whichever writes of a crashed batch landed.
+each part holds its amount together with the ids counted in it, written in one
+key, so the replay finds them whichever writes of a crashed batch landed.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class BudgetStore:
         self.accounts: dict[str, TagAccount] = {}
         self.partitions: dict[str, int] = {}
         self.definitions: dict[str, BudgetDefinition] = {}
+        self.parts: dict[tuple[str, int], int] = {}  # (tag, second) -> parts written
 
     def account(self, tag: str, partition: int) -> TagAccount:
         self.partitions[tag] = partition
@@ -128,12 +133,10 @@ class BudgetStore:
         for tier, start in history.changed:
             key = f"{tier}{SEP}{tag}{SEP}{start}"
             if tier == "s":
-                bucket = history.seconds.get(start)
-                value = {"a": str(bucket.amount), "i": sorted(bucket.ids)} if bucket else None
-            else:
-                amount = (history.minutes if tier == "m" else history.days).get(start)
-                value = {"a": str(amount)} if amount is not None else None
-            self._put(partition, key, value)
+                self._persist_second(partition, key, (tag, start), history.seconds.get(start))
+                continue
+            amount = (history.minutes if tier == "m" else history.days).get(start)
+            self._put(partition, key, {"a": str(amount)} if amount is not None else None)
         history.changed.clear()
         if rule:
             definition = self.definitions.get(tag)
@@ -160,12 +163,25 @@ class BudgetStore:
             },
         )
 
+    def _persist_second(self, partition: int, key: str, part_key: tuple[str, int], bucket: Any) -> None:
+        if bucket is None:  # moved to the minute tier: forget every part
+            for n in range(self.parts.pop(part_key, 0)):
+                self._put(partition, f"{key}{SEP}{n}", None)
+            return
+        ids, amount = bucket.take_unsaved()
+        if ids:
+            n = self.parts.get(part_key, 0)
+            self._put(partition, f"{key}{SEP}{n}", {"a": str(amount), "i": ids})
+            self.parts[part_key] = n + 1
+
     def rebuild(self, partitions: set[int]) -> None:
         """Rebuild the accounts from the table (after recovery), keeping only the given partitions."""
         self.accounts.clear()
         self.partitions.clear()
         self.definitions.clear()
+        self.parts.clear()
         foreign: list[bytes] = []
+        legacy: list[tuple[int, bytes]] = []
         for raw_key, raw in list(self.data.items()):
             value = orjson.loads(raw)
             kind, tag, *rest = raw_key.decode().split(SEP)
@@ -176,7 +192,17 @@ class BudgetStore:
             account = self.account(tag, partition)
             history = account.history
             if kind == "s":
-                history.seconds[int(rest[0])] = SecondBucket(Decimal(value["a"]), set(value["i"]))
+                second = int(rest[0])
+                bucket = history.seconds.setdefault(second, SecondBucket())
+                bucket.amount += Decimal(value["a"])
+                bucket.ids.update(value["i"])
+                if len(rest) == 1:  # a whole bucket in one key (before parts): written again as a part
+                    legacy.append((partition, raw_key))
+                    bucket.unsaved_ids += value["i"]
+                    bucket.unsaved_amount += Decimal(value["a"])
+                    history.changed.add(("s", second))
+                else:
+                    self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), int(rest[1]) + 1)
             elif kind == "m":
                 history.minutes[int(rest[0])] = Decimal(value["a"])
             elif kind == "d":
@@ -199,6 +225,8 @@ class BudgetStore:
                 account.pending = value["pending"]
         for raw_key in foreign:
             self.data.pop(raw_key, None)
+        for partition, raw_key in legacy:
+            self._put(partition, raw_key.decode(), None)
         for account in self.accounts.values():
             account.max_event_ms = max(account.max_event_ms, max(account.history.seconds, default=0))
             account.history.drop_covered()

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 
 from ledger.budgets import (
@@ -360,3 +361,46 @@ def test_budget_store_rebuilds_the_same_accounts_from_its_table():
     assert again.add_spend([("e2", NOW, D("0.25")), ("e3", NOW + 1500, D("0.75"))]) == 0
     # Every key written went to the changelog partition of its tag.
     assert {p for p, k, _ in changelog if b"team:a" in k} == {2}
+
+
+def test_a_hot_second_is_written_in_parts_holding_only_new_ids():
+    from processors.budgets import BudgetStore
+
+    data: dict[bytes, bytes] = {}
+    changelog: list[tuple[int, bytes, bytes | None]] = []
+    policy = HistoryPolicy()
+    store = BudgetStore(data, lambda p, k, v: changelog.append((p, k, v)), policy)
+    account = store.account("env:prod", 1)
+    for batch in range(3):  # three batches in the same second
+        account.add_spend([(f"e{batch}-{i}", NOW + 10, D("0.01")) for i in range(1000)])
+        store.persist(account)
+    parts = {k: orjson.loads(v) for k, v in data.items() if k.startswith(b"s\x00")}
+    assert len(parts) == 3
+    assert all(len(v["i"]) == 1000 and v["a"] == "10.00" for v in parts.values())
+    assert max(len(v or b"") for _, _, v in changelog) < 40_000  # never the whole second
+
+    rebuilt = BudgetStore(dict(data), lambda *_: None, policy)
+    rebuilt.rebuild({1})
+    bucket = rebuilt.accounts["env:prod"].history.seconds[NOW]
+    assert bucket.amount == D("30.00") and len(bucket.ids) == 3000
+    assert rebuilt.accounts["env:prod"].add_spend([("e1-5", NOW + 10, D("0.01"))]) == 0
+    rebuilt.accounts["env:prod"].add_spend([("late", NOW + 20, D("0.01"))])
+    rebuilt.persist(rebuilt.accounts["env:prod"])
+    assert b"s\x00env:prod\x00" + str(NOW).encode() + b"\x003" in rebuilt.data  # numbering continues
+
+    # Moving the second to the minute tier forgets every part.
+    store.compact(NOW + policy.dedupe_ms + 2 * MINUTE_MS, {1})
+    assert not [k for k in data if k.startswith(b"s\x00")]
+    assert data[b"m\x00env:prod\x00" + str(NOW // MINUTE_MS * MINUTE_MS).encode()]
+
+
+def test_a_whole_second_bucket_from_before_parts_is_rewritten_as_a_part():
+    from processors.budgets import BudgetStore
+
+    legacy_key = b"s\x00team:a\x00" + str(NOW).encode()
+    data = {legacy_key: orjson.dumps({"a": "0.5", "i": ["e1", "e2"], "p": 0})}
+    store = BudgetStore(data, lambda *_: None, HistoryPolicy())
+    store.rebuild({0})
+    assert legacy_key not in data
+    assert orjson.loads(data[legacy_key + b"\x000"])["i"] == ["e1", "e2"]
+    assert store.accounts["team:a"].history.seconds[NOW].amount == D("0.5")

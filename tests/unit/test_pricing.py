@@ -145,3 +145,36 @@ def test_rounding_to_twelve_places():
 )
 def test_split_model_ref(model, provider, expected):
     assert split_model_ref(model, provider) == expected
+
+
+def test_linear_form_equals_the_catalog_for_every_catalog_model():
+    """The fast path is only the catalog's own arithmetic: exact on every model, random usage."""
+    import random
+
+    from genai_prices import data_snapshot
+
+    from ledger.pricing import LinearPrice, catalog_cost
+
+    rng = random.Random(7)
+    checked = tiered = 0
+    for provider in data_snapshot.get_snapshot().providers:
+        for model in provider.models:
+            model_price = model.get_prices(AT)
+            linear = LinearPrice.of(model_price)
+            if linear is None:
+                tiered += 1
+                continue
+            for _ in range(4):
+                total = rng.randrange(0, 2_000_000)
+                read = rng.randrange(0, total + 1)
+                counts = (total, rng.randrange(0, 100_000), read, rng.randrange(0, total - read + 1))
+                assert linear.cost(counts) == catalog_cost(model_price, counts), (provider.id, model.id)
+                checked += 1
+    assert checked > 4000 and tiered > 0  # the catalog has both kinds
+
+
+def test_tiered_prices_go_to_the_catalog():
+    from ledger.pricing import LinearPrice
+
+    found = PriceBook()._catalog_model("google", "gemini-2.5-pro")
+    assert found is not None and LinearPrice.of(found[1].get_prices(AT)) is None  # long-context tiers
