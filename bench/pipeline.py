@@ -196,7 +196,9 @@ def profile_worker(system: EmbeddedSystem, directory: Path, seconds: int) -> sub
     )
 
 
-def run(events: int, workers: int = 1, profile: Path | None = None) -> dict[str, Any]:
+def run(
+    events: int, workers: int = 1, profile: Path | None = None, settings_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     tag = f"pipe{int(time.time())}"
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -206,6 +208,7 @@ def run(events: int, workers: int = 1, profile: Path | None = None) -> dict[str,
             env = clean_env(
                 SPENDLEDGER_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
                 SPENDLEDGER_WORKER_PROCESSES=str(workers),
+                **(settings_env or {}),
             )
             settings = Settings.model_validate({"kafka_bootstrap": env["SPENDLEDGER_KAFKA_BOOTSTRAP"]})
             ensure_topics(settings)
@@ -245,8 +248,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="write a py-spy profile of the worker into this directory"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. BATCH_WITHIN_S=0.2"
+    )
     args = parser.parse_args()
-    result = run(args.events, args.workers, args.profile)
+    overrides = dict(f"SPENDLEDGER_{item}".split("=", 1) for item in args.set)
+    result = run(args.events, args.workers, args.profile, overrides)
     print()
     print(machine())
     for key, value in result.items():

@@ -6,7 +6,7 @@ HTTP batches (background tags without budgets plus the budgeted ones, spread ove
 the run). A thread watches an embedded BudgetGuard for each budgeted tag. Prints
 progress and p50 / p90 / p99 / max per rate.
 
-    .venv/bin/python bench/time_to_block.py [--rates 200,2000] [--seconds 30] [--budgets 100]
+    .venv/bin/python bench/time_to_block.py [--rates 200,2000] [--seconds 30] [--budgets 100] [--workers 1]
 """
 
 from __future__ import annotations
@@ -141,9 +141,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--budgets", type=int, default=100)
     parser.add_argument("--crossing", type=int, default=5, help="the event that reaches each budget")
+    parser.add_argument("--workers", type=int, default=1, help="Faust worker processes")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. BATCH_WITHIN_S=0.2"
+    )
     args = parser.parse_args()
+    overrides = dict(f"SPENDLEDGER_{item}".split("=", 1) for item in args.set)
     results = []
-    with embedded_system() as system:
+    with embedded_system(SPENDLEDGER_WORKER_PROCESSES=str(args.workers), **overrides) as system:
         prefix = system.child_env.get("SPENDLEDGER_TOPIC_PREFIX", "")
         guard = BudgetGuard(
             {"bootstrap.servers": system.child_env["SPENDLEDGER_KAFKA_BOOTSTRAP"]},

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +38,9 @@ from spendledger.settings import Settings
 log = logging.getLogger(__name__)
 
 
+ChangelogSend = Callable[[int, bytes, bytes | None], None]
+
+
 class Source(Protocol):
     """Where a rejected input came from (a Kafka message, or a join timer's call)."""
 
@@ -56,8 +59,9 @@ class JoinState:
     explicitly, with the partition the key came from.
     """
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, send: ChangelogSend) -> None:
         self.table = table
+        self.send = send
 
     def get(self, key: bytes) -> PendingCall | None:
         raw = self.table.data.get(key)
@@ -68,11 +72,11 @@ class JoinState:
             return
         if step.state is None:
             self.table.data.pop(key, None)
-            self.table.send_changelog(partition, key, None)
+            self.send(partition, key, None)
         else:
             value = step.state.encode()
             self.table.data[key] = value
-            self.table.send_changelog(partition, key, value)
+            self.send(partition, key, value)
 
     def items(self) -> list[tuple[bytes, bytes]]:
         return list(self.table.data.items())
@@ -131,7 +135,8 @@ def create_app(settings: Settings) -> faust.App:
     )
     raw_topic = app.topic(topics.raw, partitions=settings.topic_partitions)
     outbox = Outbox(settings.kafka_config())
-    state = JoinState(state_table(app, settings, "pending-calls", "Join state per request_id"))
+    pending_calls = state_table(app, settings, "pending-calls", "Join state per request_id")
+    state = JoinState(pending_calls, changelog_writer(pending_calls, outbox))
     timeouts = settings.join_timeouts()
     attributor = Attributor(settings.attribution_policy(), load_price_book(settings.price_overrides_file))
 
@@ -259,6 +264,17 @@ class TimedOut:
         self.value: bytes | None = call.encode()
 
 
+def changelog_writer(table: Any, outbox: Outbox) -> ChangelogSend:
+    """Writes a table's changelog through the outbox (Faust's producer costs far more per message);
+    the agent's flush at the end of its batch covers these writes too."""
+    topic = table.changelog_topic_name
+
+    def send(partition: int, key: bytes, value: bytes | None) -> None:
+        outbox.put(topic, key, value, partition)
+
+    return send
+
+
 def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
     """A changelog-backed table of raw bytes, written explicitly by its agent (see JoinState)."""
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
@@ -270,7 +286,7 @@ def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: 
     budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
     tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
     table = state_table(app, settings, "budget-state", "Spend history, budget and status per tag")
-    store = BudgetStore(table.data, table.send_changelog, settings.history_policy())
+    store = BudgetStore(table.data, changelog_writer(table, outbox), settings.history_policy())
     compacted_at = [0.0]
 
     def assigned() -> set[int]:
@@ -364,6 +380,7 @@ def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: 
         if time.monotonic() - compacted_at[0] >= 60:
             compacted_at[0] = time.monotonic()
             store.compact(now_ms, partitions)
+            await outbox.flush()
             metrics.BUDGET_TAGS.set(len(store.accounts))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -62,10 +63,9 @@ class Outbox:
 
     async def flush(self) -> None:
         """Return once every queued message is in Kafka; messages that failed are sent again."""
-        loop = asyncio.get_running_loop()
         delay = 0.2
         while True:
-            remaining = await loop.run_in_executor(None, self._producer.flush, self._flush_timeout_s)
+            remaining = await self._drain(self._flush_timeout_s)
             with self._lock:
                 failed, self._failed = self._failed, []
             if remaining == 0 and not failed:
@@ -78,6 +78,16 @@ class Outbox:
                 self.put(msg.topic() or "", msg.key(), msg.value(), msg.partition())
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _drain(self, timeout_s: float) -> int:
+        """Send what is queued now (no linger) and serve delivery reports, polling without blocking
+        so the event loop keeps serving Faust's consumer meanwhile (no executor thread)."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0005
+        while (remaining := self._producer.flush(0)) and time.monotonic() < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        return remaining
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.flush(timeout_s)

@@ -1,4 +1,4 @@
-"""The embedded system: broker, topics, Faust worker, API (+ sink) as child processes.
+"""The embedded system: broker, topics, Faust worker(s), API (+ sink) as child processes.
 
 Used by `spendledger up` and by the integration tests, so both run the same code.
 """
@@ -34,7 +34,7 @@ class EmbeddedSystem:
     host: str = "127.0.0.1"
     port: int = 8000
     kafka_port: int = 19092
-    worker_port: int = 0
+    worker_port: int = 0  # the first worker's; more workers (WORKER_PROCESSES) take free ports
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     say: Callable[[str], None] = print
     startup_timeout_s: float = 90.0
@@ -42,6 +42,7 @@ class EmbeddedSystem:
     broker: subprocess.Popen[bytes] | None = field(default=None, init=False)
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     child_env: dict[str, str] = field(default_factory=dict, init=False)
+    worker_ports: dict[str, int] = field(default_factory=dict, init=False)
     producer_key: str = field(default="", init=False)
     admin_key: str = field(default="", init=False)
 
@@ -68,9 +69,11 @@ class EmbeddedSystem:
         env[f"{ENV}API_PORT"] = str(self.port)
         if self.worker_port == 0:
             self.worker_port = _free_port(self.host)
-        env[f"{ENV}WORKER_WEB_PORT"] = str(self.worker_port)
         self.child_env = env
         settings = Settings.model_validate(_settings_from(env))
+        self.worker_ports = {"worker": self.worker_port}
+        for n in range(2, settings.worker_processes + 1):
+            self.worker_ports[f"worker-{n}"] = _free_port(self.host)
 
         self._step("creating topics")
         created = ensure_topics(settings)
@@ -78,8 +81,9 @@ class EmbeddedSystem:
 
         if port_open(self.host, self.port):
             raise StartupError(f"port {self.port} on {self.host} is already in use; pick another with --port")
-        self._step("starting the Faust worker")
-        self._spawn("worker")
+        self._step(f"starting the Faust worker{'s' if len(self.worker_ports) > 1 else ''}")
+        for name, port in self.worker_ports.items():
+            self._spawn(name, {f"{ENV}WORKER_WEB_PORT": str(port)})
         self._step("starting the API and the sink (migrating ClickHouse)")
         self._spawn("api")
         self._wait_ready()
@@ -109,11 +113,12 @@ class EmbeddedSystem:
         self.producer_key = producer.split(",")[0]
         self.admin_key = admin.split(",")[0]
 
-    def _spawn(self, name: str) -> None:
+    def _spawn(self, name: str, env: dict[str, str] | None = None) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
+        command = "worker" if name.startswith("worker") else name
         self.children[name] = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            [sys.executable, "-m", "spendledger", name],
-            env=self.child_env,
+            [sys.executable, "-m", "spendledger", command],
+            env={**self.child_env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -121,7 +126,10 @@ class EmbeddedSystem:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        checks = {"api": f"{self.api_url}/readyz", "worker": f"http://{self.host}:{self.worker_port}/healthz"}
+        checks = {"api": f"{self.api_url}/readyz"}
+        checks.update(
+            {name: f"http://{self.host}:{port}/healthz" for name, port in self.worker_ports.items()}
+        )
         pending = dict(checks)
         while pending:
             for name, url in list(pending.items()):
@@ -151,7 +159,7 @@ class EmbeddedSystem:
 
     def stop(self) -> None:
         """Stop the API (and its sink), then the worker, then the broker: each SIGTERM, then SIGKILL."""
-        for name in ("api", "worker"):
+        for name in ["api", *self.worker_ports]:
             child = self.children.get(name)
             if child is not None:
                 _terminate(child, 20)

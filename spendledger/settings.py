@@ -53,6 +53,9 @@ class Settings(BaseSettings):
 
     # Processors
     worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    worker_processes: int = Field(
+        default=1, ge=1, le=64, description="Faust workers `spendledger up` starts (one consumer group)"
+    )
     request_timeout_s: float = Field(default=600.0, gt=0)
     usage_wait_s: float = Field(default=10.0, gt=0)
     join_done_retention_s: float = Field(default=600.0, gt=0)
