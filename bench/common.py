@@ -32,8 +32,8 @@ def embedded_system(**env_overrides: str) -> Iterator[EmbeddedSystem]:
             Path(tmp), port=free_port(), kafka_port=free_port(), env=env, say=lambda _: None
         )
         print("starting the embedded system…", flush=True)
-        system.start()
         try:
+            system.start()
             yield system
         finally:
             system.stop()
@@ -48,23 +48,27 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 @contextmanager
 def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Prints `label: done / total (rate/s)` at most once a second, and a last line when done."""
+    """Prints `label: done / total (rate/s)` at most once a second, and a last line at the end
+    (`total` 0: no total known)."""
     started = time.perf_counter()
-    shown = [0.0, -1]
+    shown_at = [0.0]
+    last = [0, -1]  # latest count, count last shown
 
     def show(done: int) -> None:
         elapsed = time.perf_counter() - started
         rate = done / elapsed if elapsed > 0 else 0.0
-        print(f"  {label}: {done:>10,} / {total:,}  ({rate:,.0f}/s, {elapsed:.0f} s)", flush=True)
-        shown[:] = [time.perf_counter(), done]
+        of = f" / {total:,}" if total else ""
+        print(f"  {label}: {done:>10,}{of}  ({rate:,.0f}/s, {elapsed:.0f} s)", flush=True)
+        shown_at[0], last[1] = time.perf_counter(), done
 
     def tick(done: int) -> None:
-        if time.perf_counter() - shown[0] >= 1.0:
+        last[0] = done
+        if time.perf_counter() - shown_at[0] >= 1.0:
             show(done)
 
     yield tick
-    if shown[1] != total:
-        show(total)
+    if last[1] != last[0]:
+        show(last[0])
 
 
 def machine() -> str:

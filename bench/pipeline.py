@@ -216,8 +216,8 @@ def run(
             system = EmbeddedSystem(directory / "system", port=free_port(), env=env, say=lambda _: None)
             print("starting the worker, the API and the sink…", flush=True)
             started = time.perf_counter()
-            system.start()
             try:
+                system.start()
                 set_budgets(system)
                 spy = profile_worker(system, profile, 30) if profile else None
                 landed = wait_landed(system, events, tag, started)

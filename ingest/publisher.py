@@ -74,25 +74,18 @@ class KafkaPublisher:
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
-
-        def on_delivery(future: asyncio.Future[None]) -> Any:
-            def callback(err: KafkaError | None, _msg: Any) -> None:
-                loop.call_soon_threadsafe(_settle, future, err)
-
-            return callback
-
+        done: asyncio.Future[None] = loop.create_future()
+        batch = _Batch(len(messages), lambda err: loop.call_soon_threadsafe(_settle, done, err))
         try:
             for key, value in messages:
-                future: asyncio.Future[None] = loop.create_future()
-                futures.append(future)
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery(future))
+                self._producer.produce(topic, value=value, key=key, on_delivery=batch.on_delivery)
         except (BufferError, KafkaException) as exc:
-            for future in futures:
-                future.cancel()
+            batch.abandon()
             raise BrokerUnavailable(f"could not queue events for Kafka: {exc}") from exc
+        if not messages:
+            return
         try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=self._timeout_s + 2)
+            await asyncio.wait_for(done, timeout=self._timeout_s + 2)
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka did not acknowledge in time") from exc
 
@@ -110,6 +103,31 @@ class KafkaPublisher:
         self._producer.flush(self._timeout_s)
         self._stop.set()
         self._poller.join(timeout=2)
+
+
+class _Batch:
+    """Counts one request's delivery reports; wakes the request once, on its last report or its first
+    error (one cross-thread wake-up per request, not per event)."""
+
+    def __init__(self, size: int, settle: Any) -> None:
+        self._pending = size
+        self._settle = settle
+        self._lock = threading.Lock()
+        self._settled = False
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        with self._lock:
+            if self._settled:
+                return
+            self._pending -= 1
+            if err is None and self._pending > 0:
+                return
+            self._settled = True
+        self._settle(err)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._settled = True
 
 
 def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:

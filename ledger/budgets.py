@@ -105,7 +105,7 @@ def parse_duration(text: str) -> Duration:
     return Duration(count, unit)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Window:
     start_ms: int
     end_ms: int
@@ -218,7 +218,7 @@ class HistoryPolicy:
     day_history_ms: int = 400 * DAY_MS
 
 
-@dataclass
+@dataclass(slots=True)
 class SecondBucket:
     amount: Decimal = ZERO
     ids: set[str] = field(default_factory=set)
@@ -233,7 +233,7 @@ class SecondBucket:
         return taken
 
 
-@dataclass
+@dataclass(slots=True)
 class SpendHistory:
     """One tag's spend by event time (see the module docstring for the tiers)."""
 
@@ -328,7 +328,7 @@ class SpendHistory:
 # ---------------------------------------------------------------- decision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BudgetStatus:
     """What the budget agent remembers for one budgeted tag."""
 
@@ -412,7 +412,7 @@ def evaluate(
     return Evaluation(status, alerts, change)
 
 
-@dataclass
+@dataclass(slots=True)
 class TagAccount:
     """Everything the budget agent keeps for one tag: its history, its budget and the budget's status."""
 

@@ -27,7 +27,7 @@ from ledger import Attributor, JoinedCall, LedgerError, PendingCall, PriceBook, 
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
 from processors import metrics
-from processors.budgets import BudgetStore, block_signal, outcome_messages
+from processors.budgets import BudgetStore, block_signal, compact, outcome_messages
 from processors.deadletter import dead_letter, describe
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition, SpendEntry, TagSpend
@@ -74,7 +74,7 @@ class JoinState:
             self.table.data.pop(key, None)
             self.send(partition, key, None)
         else:
-            value = step.state.encode()
+            value = compact(step.state.encode())
             self.table.data[key] = value
             self.send(partition, key, value)
 
