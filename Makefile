@@ -27,6 +27,10 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/pytest
 
+# The benchmark suite: about 15 minutes; writes bench/results/latest.json.
+bench: $(STAMP)
+	cd bench && ../$(BIN)/python run.py
+
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/component
 

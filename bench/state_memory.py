@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -72,9 +73,13 @@ def run(tags: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tags", type=int, default=1_000_000)
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     args = parser.parse_args()
     started = time.perf_counter()
     result = run(args.tags)
+    if args.json:
+        print(json.dumps(result))
+        return
     print()
     print(machine())
     print(
