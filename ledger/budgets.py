@@ -17,8 +17,9 @@ Windows
 
 Spend history (per tag), in three tiers that never overlap:
     - second buckets that also hold the event ids counted in them, for the
-      dedupe horizon (duplicates of an event always fall in the same second,
-      so they are found there);
+      dedupe horizon; an id counted there is a duplicate whatever time its copy
+      carries (a producer retrying an event without `occurred_at` stamps each
+      copy with its own receive time);
     - minute buckets for `minute_history_ms`;
     - local-day buckets for `day_history_ms` (older spend is forgotten).
     A bucket moves to the coarser tier whole (all seconds of a minute, all
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -242,12 +244,15 @@ class SpendHistory:
     minutes: dict[int, Decimal] = field(default_factory=dict)
     days: dict[int, Decimal] = field(default_factory=dict)
     changed: set[BucketKey] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)  # the ids of every second bucket
 
     def day_start(self, at_ms: int) -> int:
         return _day_start(at_ms // _QUARTER_HOUR_MS, self.policy.tz)
 
     def add(self, event_id: str, at_ms: int, amount: Decimal) -> bool:
         """Count one event's cost; False when this event was already counted."""
+        if event_id in self.seen:
+            return False
         day = self.day_start(at_ms)
         if day in self.days:
             self.days[day] += amount
@@ -260,9 +265,8 @@ class SpendHistory:
             return True
         second = at_ms // SECOND_MS * SECOND_MS
         bucket = self.seconds.setdefault(second, SecondBucket())
-        if event_id in bucket.ids:
-            return False
         bucket.ids.add(event_id)
+        self.seen.add(event_id)
         bucket.amount += amount
         bucket.unsaved_ids.append(event_id)
         bucket.unsaved_amount += amount
@@ -283,8 +287,7 @@ class SpendHistory:
         cutoff = now_ms - policy.dedupe_ms
         moving: dict[int, Decimal] = defaultdict(lambda: ZERO)
         for second in [k for k in self.seconds if k // MINUTE_MS * MINUTE_MS + MINUTE_MS <= cutoff]:
-            moving[second // MINUTE_MS * MINUTE_MS] += self.seconds.pop(second).amount
-            self.changed.add(("s", second))
+            moving[second // MINUTE_MS * MINUTE_MS] += self._drop_second(second).amount
         for minute, amount in moving.items():
             self.minutes[minute] = self.minutes.get(minute, ZERO) + amount
             self.changed.add(("m", minute))
@@ -309,8 +312,21 @@ class SpendHistory:
             del self.minutes[minute]
             self.changed.add(("m", minute))
         for second in [k for k in self.seconds if k // MINUTE_MS * MINUTE_MS in self.minutes]:
-            del self.seconds[second]
-            self.changed.add(("s", second))
+            self._drop_second(second)
+
+    def restore_second(self, second: int, amount: Decimal, ids: Iterable[str]) -> SecondBucket:
+        """Add a stored part of a second bucket back (recovery)."""
+        bucket = self.seconds.setdefault(second, SecondBucket())
+        bucket.amount += amount
+        bucket.ids.update(ids)
+        self.seen.update(ids)
+        return bucket
+
+    def _drop_second(self, second: int) -> SecondBucket:
+        bucket = self.seconds.pop(second)
+        self.seen.difference_update(bucket.ids)
+        self.changed.add(("s", second))
+        return bucket
 
     def release_at(self, window: Window, duration_ms: int, budget: Decimal) -> int:
         """For a sliding window: when the spend in it falls below `budget` if nothing new comes."""
@@ -423,6 +439,7 @@ class TagAccount:
     max_event_ms: int = 0
     pending: Literal["", "created", "changed"] = ""
     duplicates: int = 0
+    spend_moved: bool = False  # spend counted in the window since the last evaluation
 
     def clock(self, now_ms: int) -> int:
         return max(now_ms, self.max_event_ms)
@@ -440,7 +457,9 @@ class TagAccount:
             self.max_event_ms = max(self.max_event_ms, at_ms)
             if window is not None and window.contains(at_ms):
                 spend += amount
-        self.status = replace(self.status, spend=spend)
+        if spend != self.status.spend:
+            self.status = replace(self.status, spend=spend)
+            self.spend_moved = True
         return counted
 
     def set_rule(self, rule: BudgetRule | None) -> None:
@@ -464,6 +483,10 @@ class TagAccount:
             rule_changed=self.pending != "",
             created=self.pending == "created",
         )
+        if result.change == "none" and self.spend_moved:
+            # The spend in the signal must follow the ledger, not only blocks and thresholds.
+            result = replace(result, change="update")
         self.status = result.status
         self.pending = ""
+        self.spend_moved = False
         return result

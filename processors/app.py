@@ -232,7 +232,8 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp refuses a charset inside `content_type`: the full header goes in as a header.
+        return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
 
@@ -294,8 +295,16 @@ def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: 
 
     @table.on_recover
     async def rebuild() -> None:
-        store.rebuild(assigned())
+        partitions = assigned()
+        store.rebuild(partitions)
+        await outbox.flush()
         metrics.BUDGET_TAGS.set(len(store.accounts))
+        log.info(
+            "budget state rebuilt: partitions %s, %d tags, %d keys",
+            sorted(partitions),
+            len(store.accounts),
+            len(table.data),
+        )
 
     def publish(tag: str, result: Any, now_ms: int) -> None:
         account = store.accounts[tag]

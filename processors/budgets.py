@@ -30,7 +30,6 @@ from ledger.budgets import (
     BudgetStatus,
     Evaluation,
     HistoryPolicy,
-    SecondBucket,
     SpendHistory,
     TagAccount,
     Window,
@@ -199,9 +198,7 @@ class BudgetStore:
             history = account.history
             if kind == "s":
                 second = int(rest[0])
-                bucket = history.seconds.setdefault(second, SecondBucket())
-                bucket.amount += Decimal(value["a"])
-                bucket.ids.update(value["i"])
+                bucket = history.restore_second(second, Decimal(value["a"]), value["i"])
                 if len(rest) == 1:  # a whole bucket in one key (before parts): written again as a part
                     legacy.append((partition, raw_key))
                     bucket.unsaved_ids += value["i"]

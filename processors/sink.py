@@ -12,7 +12,10 @@ Order of one flush, and what a crash at each point leaves (DESIGN §9):
 2. Decode. A message that does not decode becomes a `spend_rejects` row with
    the reason; it never stops the sink.
 3. Drop records whose event_id is already in `spend_records`, or repeated in
-   the batch: the worker re-emits calls after its own crash (at new offsets).
+   the batch: the worker re-emits calls after its own crash (at new offsets),
+   and producers retry. The look-up covers `SINK_DEDUPE_LOOKBACK_S` before the
+   batch's earliest `occurred_at`: a retried event sent without `occurred_at`
+   is stamped with its own, later, receive time.
 4. INSERT records and rejects. Crash after this -> on restart the offsets in
    ClickHouse and Kafka are both old; the replay is removed by steps 1 and 3.
 5. INSERT the next offsets into `sink_offsets`. Crash after this -> Kafka's
@@ -31,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -106,6 +109,7 @@ def plan_landing(
     topics: Topics,
     landed: dict[TopicPartitionKey, int],
     store: LedgerStore,
+    lookback: timedelta = timedelta(days=1),
 ) -> Landing:
     """Steps 1-3 of the flush: what to write for these messages."""
     landing = Landing()
@@ -153,7 +157,9 @@ def plan_landing(
             )
     if candidates:
         times = [r.occurred_at for r in candidates.values()]
-        existing = store.existing_event_ids(list(candidates), min(times), max(times))
+        # Whole seconds around the bounds: a query parameter may carry no milliseconds.
+        start = min(times) - lookback - timedelta(seconds=1)
+        existing = store.existing_event_ids(list(candidates), start, max(times) + timedelta(seconds=1))
         landing.duplicates += len(existing)
         landing.records = [r for event_id, r in candidates.items() if event_id not in existing]
     if alerts:
@@ -328,7 +334,13 @@ class Sink:
 
     def flush(self, consumer: Any, messages: list[Message]) -> None:
         started = time.perf_counter()
-        landing = plan_landing(messages, topics=self.settings.topics, landed=self._landed, store=self.store)
+        landing = plan_landing(
+            messages,
+            topics=self.settings.topics,
+            landed=self._landed,
+            store=self.store,
+            lookback=timedelta(seconds=self.settings.sink_dedupe_lookback_s),
+        )
         self.store.land(landing, self.group)
         self._landed.update(landing.next_offsets)
         if landing.next_offsets:

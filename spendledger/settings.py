@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     sink_port: int = Field(default=6067, ge=0, le=65535)
     sink_batch_max: int = Field(default=5000, ge=1)
     sink_flush_interval_s: float = Field(default=0.5, gt=0)
+    sink_dedupe_lookback_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="how far before a batch's events the sink looks for their event ids",
+    )
 
     # Faust timeouts (joins take ~30 s with the defaults against Tansu; ~3 s with these).
     broker_rebalance_timeout_s: float = 5.0

@@ -3,7 +3,8 @@
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -51,16 +52,18 @@ class Ledger:
             time.sleep(0.25)
 
 
-@pytest.fixture(scope="module")
-def ledger(tmp_path_factory) -> Any:
+@contextmanager
+def running_system(tmp_path_factory: Any, **settings: str) -> Iterator[Ledger]:
+    """The embedded system in a fresh data dir, with its own topic prefix and short join timeouts."""
     data_dir = tmp_path_factory.mktemp("ledger")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDLEDGER_")}
     env.update(
         {
             "SPENDLEDGER_REQUEST_TIMEOUT_S": "4",
             "SPENDLEDGER_USAGE_WAIT_S": "2",
-            "SPENDLEDGER_TOPIC_PREFIX": f"it{os.getpid()}.",
+            "SPENDLEDGER_TOPIC_PREFIX": f"it{os.getpid()}.{data_dir.name}.",
             "SPENDLEDGER_LOG_LEVEL": "WARNING",
+            **{f"SPENDLEDGER_{k.upper()}": v for k, v in settings.items()},
         }
     )
     system = EmbeddedSystem(
@@ -71,9 +74,15 @@ def ledger(tmp_path_factory) -> Any:
         yield Ledger(system)
     finally:
         system.stop()
-        for name in ("api", "worker"):
+        for name in ("api", *system.worker_ports):
             log = system.log_dir / f"{name}.log"
             if log.exists():
                 tail = log.read_text(errors="replace")[-3000:]
                 if "Traceback" in tail or "ERROR" in tail:
                     print(f"--- {name}.log (tail) ---\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: Any) -> Iterator[Ledger]:
+    with running_system(tmp_path_factory) as running:
+        yield running

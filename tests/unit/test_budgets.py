@@ -217,7 +217,7 @@ def test_thresholds_fire_once_per_window_then_block_at_max() -> None:
         assert result is not None
         fired += [a.threshold_pct for a in result.alerts]
         if i == 4:
-            assert result.change == "none" and not result.status.blocked  # 9.5 of 10
+            assert result.change == "update" and not result.status.blocked  # 9.5 of 10
         if i == 5:
             assert result.change == "blocked" and result.status.spend == D("10")
     assert fired == [50, 80, 95, 100]
@@ -404,3 +404,24 @@ def test_a_whole_second_bucket_from_before_parts_is_rewritten_as_a_part():
     assert legacy_key not in data
     assert orjson.loads(data[legacy_key + b"\x000"])["i"] == ["e1", "e2"]
     assert store.accounts["team:a"].history.seconds[NOW].amount == D("0.5")
+
+
+def test_a_duplicate_stamped_with_another_time_counts_once_until_it_leaves_the_dedupe_tier():
+    h = history()
+    assert h.add("e1", NOW, D("1"))
+    assert not h.add("e1", NOW + 3 * MINUTE_MS, D("1"))  # a retry stamped minutes later
+    assert h.total(Window(NOW - MINUTE_MS, NOW + 10 * MINUTE_MS)) == D("1")
+    h.compact(NOW + h.policy.dedupe_ms + 2 * MINUTE_MS)  # e1's second moves to the minute tier
+    assert not h.seconds and "e1" not in h.seen
+
+
+def test_spend_below_every_threshold_is_still_an_update_of_the_signal():
+    account = TagAccount("team:a", history())
+    account.set_rule(rule(max_budget=D("100")))
+    assert account.evaluate(NOW).change == "update"  # created
+    account.add_spend([("e1", NOW, D("1"))])
+    result = account.evaluate(NOW + 10)
+    assert result.change == "update" and result.status.spend == D("1") and not result.alerts
+    assert account.evaluate(NOW + 20).change == "none"  # nothing new
+    account.add_spend([("e1", NOW, D("1"))])  # a duplicate moves nothing
+    assert account.evaluate(NOW + 30).change == "none"

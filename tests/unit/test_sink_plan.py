@@ -27,7 +27,8 @@ class MemoryStore:
         return dict(self.offsets)
 
     def existing_event_ids(self, event_ids, start, end):
-        return {e for e in event_ids if e in self.records}
+        # Like the ClickHouse query: only rows whose occurred_at is in [start, end].
+        return {e for e in event_ids if e in self.records and start <= self.records[e].occurred_at <= end}
 
     def existing_alert_ids(self, alert_ids):
         return {e[8] for e in self.budget_events if e[8] in alert_ids}
@@ -41,8 +42,7 @@ class MemoryStore:
         self.offsets.update(landing.next_offsets)
 
 
-def rec(event_id, cost="0.1"):
-    t = datetime(2026, 11, 22, 10, tzinfo=UTC)
+def rec(event_id, cost="0.1", t=datetime(2026, 11, 22, 10, tzinfo=UTC)):
     return AttributedRecord(
         event_id=event_id, request_id="r-" + event_id, occurred_at=t, received_at=t, cost_usd=Decimal(cost)
     )
@@ -133,3 +133,16 @@ def test_budget_topics_land_definitions_transitions_and_each_alert_once():
     assert [(b[0], b[1], b[5]) for b in store.budgets] == [("team:a", Decimal("10"), 0), ("team:a", None, 1)]
     assert [(e[2], e[3]) for e in store.budget_events] == [("blocked", None), ("alert", 50)]
     assert again.duplicates == 1 and store.rejects == []
+
+
+def test_a_retry_stamped_later_than_its_original_lands_once():
+    """A producer retrying an event without occurred_at: each copy carries its own receive time."""
+    from datetime import timedelta
+
+    store = MemoryStore()
+    first = rec("e1")
+    land(store, [msg(0, first.model_dump_json().encode())])
+    retry = rec("e1", t=first.occurred_at + timedelta(minutes=7))
+    landing = land(store, [msg(1, retry.model_dump_json().encode())])
+    assert landing.records == [] and landing.duplicates == 1
+    assert store.records["e1"].occurred_at == first.occurred_at  # the first copy stays

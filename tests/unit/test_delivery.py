@@ -1,0 +1,84 @@
+"""Delivery bookkeeping of the ingest publisher and the worker's outbox (no broker: their report logic)."""
+
+import asyncio
+from typing import Any
+
+from ingest.publisher import _Batch
+from processors.outbox import Outbox
+
+
+class Report:
+    def __init__(self, topic: str = "t", partition: int = 0) -> None:
+        self._topic, self._partition = topic, partition
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"v"
+
+    def partition(self) -> int:
+        return self._partition
+
+
+def test_a_request_is_woken_once_on_its_last_report():
+    settled: list[Any] = []
+    batch = _Batch(3, settled.append)
+    batch.on_delivery(None, None)
+    batch.on_delivery(None, None)
+    assert settled == []
+    batch.on_delivery(None, None)
+    assert settled == [None]
+
+
+def test_a_request_is_woken_on_its_first_error_and_only_then():
+    settled: list[Any] = []
+    batch = _Batch(3, settled.append)
+    batch.on_delivery("broker down", None)
+    batch.on_delivery(None, None)
+    batch.on_delivery(None, None)
+    assert settled == ["broker down"]
+
+
+def test_an_abandoned_request_is_never_woken():
+    settled: list[Any] = []
+    batch = _Batch(1, settled.append)
+    batch.abandon()
+    batch.on_delivery(None, None)
+    assert settled == []
+
+
+class FlakyProducer:
+    """Stands in for librdkafka: the first delivery of each message fails, the second succeeds."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, int, Any]] = []
+        self.produced: list[tuple[str, int]] = []
+        self.failed_once: set[tuple[str, int]] = set()
+
+    def produce(self, topic: str, *, value: Any, key: Any, partition: int, on_delivery: Any) -> None:
+        self.queued.append((topic, partition, on_delivery))
+
+    def flush(self, _timeout: float) -> int:
+        for topic, partition, on_delivery in self.queued:
+            if (topic, partition) in self.failed_once:
+                self.produced.append((topic, partition))
+                on_delivery(None, Report(topic, partition))
+            else:
+                self.failed_once.add((topic, partition))
+                on_delivery("timed out", Report(topic, partition))
+        self.queued = []
+        return 0
+
+
+def test_outbox_flush_sends_failed_messages_again_until_delivered():
+    outbox = Outbox({"bootstrap.servers": "127.0.0.1:1"})
+    producer = FlakyProducer()
+    outbox._producer = producer  # type: ignore[assignment]
+    outbox.put("spend.attributed", b"k", b"v", partition=2)
+    outbox.put("spend.tag-spend", b"k", b"v", partition=0)
+    asyncio.run(outbox.flush())
+    assert sorted(producer.produced) == [("spend.attributed", 2), ("spend.tag-spend", 0)]
