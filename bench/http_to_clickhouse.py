@@ -15,32 +15,13 @@ import time
 
 import httpx
 from common import embedded_system, machine
+from pipeline import event
 
 from spendledger.embedded import EmbeddedSystem
 
-MODELS = [
-    "openai/gpt-4o",
-    "openai/gpt-4o-mini",
-    "anthropic/claude-3-5-sonnet-20241022",
-    "google/gemini-2.5-pro",
-]
-
 
 def batch(start: int, size: int, run: str) -> dict:
-    return {
-        "events": [
-            {
-                "kind": "completed",
-                "request_id": f"{run}-{i}",
-                "model": MODELS[i % len(MODELS)],
-                "headers": {"X-AnyAPI-App-ID": f"app-{i % 7}", "x-litellm-tags": f"team:t{i % 5},env:prod"},
-                "metadata": {"tags": [f"feature:f{i % 11}"]},
-                "user": f"user_{i % 1000}",
-                "usage": {"input_tokens": 500 + i % 1000, "output_tokens": 50 + i % 200},
-            }
-            for i in range(start, start + size)
-        ]
-    }
+    return {"events": [event(i, run) for i in range(start, start + size)]}
 
 
 async def send_all(system: EmbeddedSystem, total: int, size: int, clients: int, run: str) -> float:
