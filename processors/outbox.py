@@ -41,7 +41,6 @@ class Outbox:
         self._flush_timeout_s = flush_timeout_s
         self._failed: list[Message] = []
         self._lock = threading.Lock()
-        self.sent = 0
 
     def put(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue one message (does not wait). `partition=None` partitions by key."""
@@ -54,7 +53,6 @@ class Outbox:
                 break
             except BufferError:  # the local queue is full: serve delivery reports, then retry
                 self._producer.poll(0.05)
-        self.sent += 1
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
