@@ -2,8 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-EVENTS_IN = Counter("spendledger_worker_events", "Raw events read by the join agent", ["kind"])
-CALLS_JOINED = Counter("spendledger_worker_calls", "Calls emitted by the join agent", ["join_kind"])
+EVENTS_IN = Counter("spendledger_worker_events", "Raw events read by the ledger agent", ["kind"])
+CALLS_JOINED = Counter("spendledger_worker_calls", "Calls joined by the ledger agent", ["join_kind"])
 DUPLICATES = Counter("spendledger_worker_duplicates", "Raw events ignored as duplicates of a joined call")
 RECORDS_OUT = Counter("spendledger_worker_records", "Attributed records produced", ["price_source"])
 INVALID_TAGS = Counter("spendledger_worker_invalid_tags", "Invalid attribution inputs recorded", ["reason"])
