@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from genai_prices import Usage as CatalogUsage
 from genai_prices import data_snapshot
+from genai_prices.types import TieredPrices
 
 from ledger.errors import PriceFileError
 from ledger.usage import TokenUsage
@@ -230,7 +231,7 @@ class LinearPrice:
 
     @classmethod
     def of(cls, model_price: Any) -> LinearPrice | None:
-        if any(type(v).__name__ == "TieredPrices" for v in vars(model_price).values()):
+        if any(isinstance(v, TieredPrices) for v in vars(model_price).values()):
             return None
         try:
             fixed = catalog_cost(model_price, (0, 0, 0, 0))
