@@ -111,6 +111,9 @@ def shorten_fetch_wait(max_wait_ms: int) -> None:
 def create_app(settings: Settings) -> faust.App:
     topics = settings.topics
     shorten_fetch_wait(settings.worker_fetch_wait_ms)
+    optional: dict[str, Any] = {}
+    if settings.worker_data_dir is not None:
+        optional["datadir"] = str(settings.worker_data_dir)
     app = faust.App(
         topics.faust_app_id,
         broker="kafka://" + settings.kafka_bootstrap.replace(",", ";"),
@@ -132,6 +135,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.worker_web_port or 6066,
         web_bind=settings.api_host,
         web_in_thread=False,
+        **optional,
     )
     raw_topic = app.topic(topics.raw, partitions=settings.topic_partitions)
     outbox = Outbox(settings.kafka_config())

@@ -83,7 +83,8 @@ class EmbeddedSystem:
             raise StartupError(f"port {self.port} on {self.host} is already in use; pick another with --port")
         self._step(f"starting the Faust worker{'s' if len(self.worker_ports) > 1 else ''}")
         for name, port in self.worker_ports.items():
-            self._spawn(name, {f"{ENV}WORKER_WEB_PORT": str(port)})
+            worker_dir = str((self.data_dir / name).resolve())
+            self._spawn(name, {f"{ENV}WORKER_WEB_PORT": str(port), f"{ENV}WORKER_DATA_DIR": worker_dir})
         self._step("starting the API and the sink (migrating ClickHouse)")
         self._spawn("api")
         self._wait_ready()

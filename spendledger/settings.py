@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     worker_processes: int = Field(
         default=1, ge=1, le=64, description="Faust workers `spendledger up` starts (one consumer group)"
     )
+    worker_data_dir: Path | None = Field(
+        default=None, description="Faust's data directory (default: `<app id>-data` in the working directory)"
+    )
     request_timeout_s: float = Field(default=600.0, gt=0)
     usage_wait_s: float = Field(default=10.0, gt=0)
     join_done_retention_s: float = Field(default=600.0, gt=0)
