@@ -54,8 +54,12 @@ class Attributor:
         reported = billing.get("reported_cost_usd")
         reported_cost = Decimal(str(reported)) if reported is not None else None
 
-        if call.join_kind == "request_only":
-            # No usage ever came: the cost is unknown, not zero.
+        unknown_usage = call.join_kind == "request_only" or (
+            billing.get("usage") is None and billing.get("status") == "incomplete"
+        )
+        if unknown_usage:
+            # No usage ever came (or a stream was cut before the provider reported any):
+            # the cost is unknown, not zero.
             usage = TokenUsage()
             status = "incomplete"
             provider_id, model_ref = split_model_ref(model or "", provider)

@@ -86,3 +86,32 @@ def test_request_only_record_is_unpriced_with_split_model():
         "openai",
         "gpt-4o",
     )
+
+
+@pytest.mark.parametrize(
+    ("usage", "status", "cost", "source"),
+    [
+        (None, "incomplete", None, "unpriced"),  # a stream cut before any usage: unknown, not $0
+        ({"input_tokens": 1000}, "incomplete", "0.002500000000", "catalog"),  # priced on what is known
+        (None, "error", "0E-12", "catalog"),  # a failed call reports no tokens: $0
+    ],
+)
+def test_completed_without_usage_is_unpriced_only_when_cut_short(usage, status, cost, source):
+    from decimal import Decimal
+
+    from ledger import AttributionPolicy, Attributor, PriceBook
+    from ledger.join import JoinedCall
+
+    event = {
+        "kind": "completed",
+        "request_id": "r10",
+        "event_id": "e10",
+        "model": "openai/gpt-4o",
+        "occurred_at": "2026-11-22T10:00:00+00:00",
+        "status": status,
+        "usage": usage,
+    }
+    record = Attributor(AttributionPolicy(), PriceBook()).record(JoinedCall("r10", "completed", usage=event))
+    assert record.status == status
+    assert record.price_source == source
+    assert record.cost_usd == (None if cost is None else Decimal(cost))
