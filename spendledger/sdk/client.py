@@ -386,3 +386,6 @@ class MemoryClient:
         with self._lock:
             self.events.append(dict(event))
         return True
+
+    def record(self, *, model: str | None, usage: Mapping[str, Any] | None, **details: Any) -> bool:
+        return self.emit(completed_event(model=model, usage=usage, **details))

@@ -5,10 +5,12 @@ API and ClickHouse (chDB) are the real ones, started by the project's code.
 """
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -148,3 +150,50 @@ def test_a_gateway_with_the_middleware_blocks_a_tag_once_its_budget_is_spent(
     assert rows == [
         ["caller_1", run, "0.004500000000"]
     ]  # the blocked call never reached the LLM or the ledger
+
+
+def doc_examples() -> list[str]:
+    text = (Path(__file__).parents[2] / "docs" / "sdk.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def test_every_example_in_docs_sdk_md_runs_and_lands(
+    ledger: Ledger, llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/sdk.md's examples run unchanged: providers from OPENAI_/ANTHROPIC_BASE_URL, the ledger from SPENDLEDGER_*."""
+    env = {
+        "OPENAI_BASE_URL": llm.url,
+        "OPENAI_API_KEY": "sk-docs-secret",
+        "ANTHROPIC_BASE_URL": llm.url.removesuffix("/v1"),
+        "ANTHROPIC_API_KEY": "sk-ant-docs-secret",
+        "SPENDLEDGER_URL": ledger.system.api_url,
+        "SPENDLEDGER_API_KEY": ledger.system.producer_key,
+        "SPENDLEDGER_KAFKA_BOOTSTRAP": ledger.bootstrap,
+        "SPENDLEDGER_TOPIC_PREFIX": ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"],
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    examples = doc_examples()
+    assert len(examples) == 7
+    for n, source in enumerate(examples):
+        namespace: dict[str, Any] = {"__name__": f"docs_sdk_example_{n}"}
+        exec(compile(source, f"docs/sdk.md example {n + 1}", "exec"), namespace)  # noqa: S102 - our own docs
+        if "guard" in namespace:
+            assert namespace["guard"].staleness_s is not None  # it read the real blocks topic
+            namespace["guard"].stop()
+        if "spend" in namespace:
+            namespace["spend"].close()
+            stats = namespace["spend"].stats
+            assert (stats.queued, stats.rejected, stats.dropped) == (0, 0, 0), stats
+
+    rows = ledger.wait_for(
+        "SELECT user_id, team, environment, feature, tenant_id, model, status, cost_usd FROM spend_records "
+        "WHERE app_id = 'my-chatbot-v2' ORDER BY user_id, model, status",
+        lambda rows: len(rows) >= 11,
+    )
+    assert len(rows) == 11
+    assert ["customer_54321", "support", "production", "", "", "gpt-4o", "success", "0.004500000000"] in rows
+    assert ["acme:u_17", "", "", "summarize", "acme", "gpt-4o-mini", "success", "0.000270000000"] in rows
+    assert ["customer_54321", "search", "", "", "", "gemini-2.5-flash", "success", "0.001110000000"] in rows
+    assert sorted(r[0] for r in rows if r[0].startswith("user_")) == [f"user_{n}" for n in range(5)]
+    assert [r[6:] for r in rows if r[6] == "incomplete"] == [["incomplete", None]]
