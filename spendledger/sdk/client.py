@@ -248,7 +248,7 @@ class SpendClient:
     def _next_batch(self) -> list[Mapping[str, Any]]:
         """Up to batch_size events, waiting at most flush_interval_s for the batch to fill."""
         try:
-            first = self._queue.get(timeout=self.flush_interval_s)
+            first = self._queue.get(timeout=min(self.flush_interval_s, 0.1))  # short: notice close() soon
         except queue.Empty:
             return []
         batch = [first]

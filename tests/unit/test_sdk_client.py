@@ -91,12 +91,14 @@ def test_a_rejected_batch_is_split_until_the_bad_event_is_alone():
     assert [len(b) for b in ingest.batches] == [8, 4, 4, 2, 1, 1, 2]
 
 
-def test_when_the_ledger_stays_down_events_are_dropped_and_counted_never_raised():
+def test_when_the_ledger_stays_down_events_are_dropped_counted_and_logged_never_raised(caplog):
     ingest = Ingest(*[503] * 1000)
     spend = client(ingest, retry_for_s=0.3)
     assert spend.emit(event(1)) is True
     assert spend.flush(10)
     assert spend.stats.dropped == 1 and spend.stats.sent == 0
+    assert len(ingest.batches) > 1  # it did retry before giving up
+    assert "dropping events: gave up after" in caplog.text and "HTTP 503" in caplog.text
     spend.close()
     assert spend.emit(event(2)) is False  # closed: dropped, not raised
     assert spend.stats.dropped == 2
