@@ -21,6 +21,7 @@ HEADERS = {
     "Authorization": "Bearer sk-caller-secret",
     "X-AnyAPI-App-ID": "my-chatbot-v2",
     "x-litellm-tags": "team:support,env:prod",
+    "xProxy-User-ID": "user_123",
     "Cookie": "session=secret",
 }
 BODY = {"model": "gpt-4o", "user": "customer_54321", "metadata": {"feature": "chat"}, "messages": [PROMPT]}
@@ -99,7 +100,11 @@ async def test_a_json_answer_is_emitted_with_the_callers_attribution_and_no_secr
     (event,) = events.events
     assert event["status"] == "success" and event["http_status"] == 200
     assert (event["model"], event["provider"], event["usage"]) == ("gpt-4o", "openai", CHAT_USAGE)
-    assert event["headers"] == {"x-anyapi-app-id": "my-chatbot-v2", "x-litellm-tags": "team:support,env:prod"}
+    assert event["headers"] == {
+        "x-anyapi-app-id": "my-chatbot-v2",
+        "x-litellm-tags": "team:support,env:prod",
+        "xproxy-user-id": "user_123",
+    }
     assert event["metadata"]["feature"] == "chat" and event["user"] == "customer_54321"
     text = json.dumps(event)
     assert "secret" not in text and PROMPT not in text

@@ -21,7 +21,7 @@ from ledger import AttributionPolicy, Attributor, PriceBook
 from ledger.join import JoinedCall
 from schemas.budgets import BlockSignal
 from spendledger.guard import BudgetGuard
-from spendledger.sdk import BudgetExceededError, MemoryClient, instrument, track, track_context
+from spendledger.sdk import BudgetExceededError, MemoryClient, SpendClient, instrument, track, track_context
 from tests.fakellm import ANTHROPIC_START_USAGE, CHAT_USAGE, PROMPT, FakeLLM
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -273,3 +273,15 @@ async def test_async_clients_capture_streams_and_cancelled_tasks(llm, events):
     ]
     assert all(e["metadata"]["user_id"] == "async-user" for e in events.events)
     assert cost(events.events[1]) == Decimal("0.0045") and cost(events.events[2]) == Decimal("0.002175")
+
+
+def test_the_llm_call_succeeds_when_the_ledger_is_down(llm):
+    spend = SpendClient(
+        "http://127.0.0.1:9", "sl_prod_x", retry_for_s=0.5, retry_base_s=0.05, flush_at_exit=False
+    )
+    client = instrument(openai.OpenAI(base_url=llm.url, api_key="sk-test", max_retries=0), spend)
+    answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert answer.choices[0].message.content.startswith("SECRET-COMPLETION")
+    assert spend.flush(10)
+    spend.close()
+    assert (spend.stats.sent, spend.stats.dropped) == (0, 1)
