@@ -246,7 +246,13 @@ class ClickHouseStore:
             )
 
     def _insert(self, table: str, rows: list[list[Any]], columns: list[str], token: str) -> None:
-        self._client.insert(table, rows, column_names=columns, settings={"insert_deduplication_token": token})
+        # A replayed block must be skipped by the rollups' views too: they dedupe on the
+        # token passed down to them (their tables keep a deduplication window).
+        settings = {
+            "insert_deduplication_token": token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        }
+        self._client.insert(table, rows, column_names=columns, settings=settings)
 
 
 class Sink:

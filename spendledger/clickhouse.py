@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import clickhouse_connect
@@ -30,14 +31,37 @@ def connect(settings: Settings, *, create_database: bool = True) -> Any:
 
 
 def migrate(client: Any) -> list[str]:
-    """Apply every DDL file (idempotent: CREATE … IF NOT EXISTS). Returns the files applied."""
+    """Apply every DDL file (idempotent: CREATE … IF NOT EXISTS). Returns the files applied.
+
+    A rollup created by this run is back-filled from `spend_records` with its
+    view's own SELECT, so it holds the rows that landed before it existed.
+    Rows landing while this runs could be counted twice: migrate before the
+    sinks start (the embedded system does).
+    """
     applied = []
     for name, statements in migrations():
         for statement in statements:
+            view = materialized_view(statement)
+            created = view is not None and not int(client.command(f"EXISTS TABLE {view[0]}"))
             client.command(statement)
+            if view is not None and created:
+                _, target, select = view
+                client.command(f"INSERT INTO {target} {select}")
+                log.info("rollup back-filled", extra={"table": target})
         applied.append(name)
         log.info("migration applied", extra={"file": name})
     return applied
+
+
+_VIEW = re.compile(
+    r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\s+(SELECT\b.*)$", re.DOTALL | re.IGNORECASE
+)
+
+
+def materialized_view(statement: str) -> tuple[str, str, str] | None:
+    """(view, target table, SELECT) of a `CREATE MATERIALIZED VIEW v TO target AS SELECT …` statement."""
+    match = _VIEW.match(statement.strip())
+    return (match.group(1), match.group(2), match.group(3)) if match else None
 
 
 def _describe(exc: Exception) -> str:

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real ClickHouse engine (chDB) in this test process.
+
+chDB allows one data directory per process, so every test that needs
+ClickHouse in-process gets its own *database* in one session-wide directory.
+"""
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from spendledger.clickhouse import connect, migrate
+from spendledger.settings import Settings
+
+_databases = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture
+def clickhouse(chdb_dsn: str) -> Iterator[Callable[..., Any]]:
+    """`clickhouse(migrated=True)`: a client on a fresh database, migrated unless told otherwise."""
+
+    def open_database(*, migrated: bool = True) -> Any:
+        settings = Settings(clickhouse_dsn=chdb_dsn, clickhouse_database=f"t{next(_databases)}")
+        client = connect(settings)
+        if migrated:
+            migrate(client)
+        return client
+
+    yield open_database
