@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from ingest.analytics import ReportStore
+from ingest.analytics import create_router as create_analytics_router
 from ingest.budgets import BudgetServices, create_router
 from ingest.errors import (
     ApiError,
@@ -86,6 +88,7 @@ class Services:
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     budgets: BudgetServices | None = None
+    reports: ReportStore | None = None
 
 
 def create_app(services: Services) -> FastAPI:
@@ -227,6 +230,17 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(
             create_router(
                 services.budgets, services.publisher, settings.topics.budgets, require_admin, authorize
+            )
+        )
+
+    if services.reports is not None:
+        app.include_router(
+            create_analytics_router(
+                services.reports,
+                require_admin,
+                coverage_dimensions=settings.coverage_dimensions.split(","),
+                coverage_alert_pct=settings.coverage_alert_pct,
+                max_groups=settings.report_max_groups,
             )
         )
 

@@ -8,19 +8,17 @@ Money in these responses is a JSON number written with every digit (never a floa
 """
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Protocol
 
-import orjson
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.errors import BudgetsUnavailable, Conflict, InvalidBudget, NotFound
+from ingest.exact import ExactJSONResponse
 from ingest.publisher import EventPublisher
 from ledger.budgets import Duration, Window, calendar_window, rule_of
 from ledger.errors import BudgetError
@@ -89,31 +87,6 @@ class CheckRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     user: str | None = None
     tags: list[str] | None = Field(default=None, max_length=100)
-
-
-class ExactJSONResponse(JSONResponse):
-    """JSON where Decimals are numbers with all their digits (orjson cannot write Decimal)."""
-
-    def render(self, content: Any) -> bytes:
-        return dumps_exact(content)
-
-
-_MARK = re.compile(rb'"\\u0000(\d+)\\u0000"')
-
-
-def dumps_exact(content: Any) -> bytes:
-    numbers: list[str] = []
-
-    def default(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            numbers.append(format(value, "f"))
-            return f"\x00{len(numbers) - 1}\x00"
-        if isinstance(value, datetime):
-            return value.isoformat()
-        raise TypeError(f"cannot serialize {type(value).__name__}")
-
-    raw = orjson.dumps(content, default=default, option=orjson.OPT_PASSTHROUGH_DATETIME)
-    return _MARK.sub(lambda m: numbers[int(m.group(1))].encode(), raw)
 
 
 def canonical_tag(name: str, policy: AttributionPolicy) -> str:

@@ -95,6 +95,12 @@ class BudgetsUnavailable(ApiError):
     code = "budgets_unavailable"
 
 
+class InvalidReport(ApiError):
+    """A report request with a bad date range, an unknown group_by, metric or dimension."""
+
+    code = "invalid_report"
+
+
 HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidJson: 400,
     InvalidEvent: 422,
@@ -109,6 +115,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     NotFound: 404,
     Conflict: 409,
     BudgetsUnavailable: 503,
+    InvalidReport: 400,
 }
 
 

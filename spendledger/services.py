@@ -27,6 +27,7 @@ def run_api(settings: Settings) -> None:
     """Serve the API with uvicorn; in embedded mode also host the sink (chDB allows one process)."""
     import uvicorn
 
+    from ingest.analytics import ClickHouseReports
     from ingest.app import Services, create_app
     from ingest.publisher import KafkaPublisher
     from ingest.sql import ClickHouseQueryEngine
@@ -38,6 +39,7 @@ def run_api(settings: Settings) -> None:
         publisher=KafkaPublisher(settings.kafka_config(), timeout_s=settings.publish_timeout_s),
         queries=ClickHouseQueryEngine(client),
         budgets=build_budget_services(settings),
+        reports=ClickHouseReports(connect(settings, create_database=False), settings.sql_max_seconds),
     )
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]
     if settings.embedded_sink:

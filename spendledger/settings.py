@@ -6,6 +6,7 @@ Built once in `main` and passed down; nothing reads the environment at import ti
 from __future__ import annotations
 
 import hmac
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -48,6 +49,11 @@ class Settings(BaseSettings):
     sql_max_rows: int = Field(default=10_000, ge=1)
     sql_max_seconds: int = Field(default=15, ge=1)
     sql_max_memory_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
+    coverage_dimensions: str = Field(
+        default="team,env,feature", description="dimensions /v1/analytics/coverage measures by default"
+    )
+    coverage_alert_pct: Decimal = Field(default=Decimal(95), ge=0, le=100)
+    report_max_groups: int = Field(default=10_000, ge=1, description="groups a report lists at most")
     embedded_sink: bool = False
     api_url: str | None = None
 

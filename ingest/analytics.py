@@ -1,0 +1,295 @@
+"""Reports for finance and analysts (admin key): usage, cost allocation, spend per tag, tag coverage.
+
+Every report sums `spend_records` over [start, end) directly, so each figure
+equals what an analyst's SQL returns for the same range, to the last digit.
+Money is an exact JSON number; dates are ISO-8601 in UTC.
+"""
+
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Protocol
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.errors import InvalidReport, StorageUnavailableError
+from ingest.exact import ExactJSONResponse
+from ledger.reports import (
+    COVERAGE_COLUMNS,
+    GROUP_COLUMNS,
+    PLURALS,
+    DateRange,
+    ReportError,
+    Sums,
+    allocation,
+    coverage_columns,
+    coverage_dimension,
+    date_range,
+    group_columns,
+    group_value,
+    metric_names,
+    metrics_of,
+)
+
+# ---------------------------------------------------------------- SQL (pure, tested as text)
+
+_EXPRESSIONS = {"date": "toDate(occurred_at) AS date", "hour": "toStartOfHour(occurred_at) AS hour"}
+SUMS = (
+    "count() AS requests, sum(ifNull(cost_usd, toDecimal128(0, 12))) AS cost, "
+    "sum(input_tokens + output_tokens) AS tokens, sum(ifNull(latency_ms, 0)) AS latency_ms_sum, "
+    "count(latency_ms) AS latency_count, countIf(status = 'success') AS successes, "
+    "countIf(isNull(cost_usd)) AS unpriced"
+)
+RANGE = "occurred_at >= toDateTime64(%(start)s, 3, 'UTC') AND occurred_at < toDateTime64(%(end)s, 3, 'UTC')"
+
+
+def where(app_id: str | None) -> str:
+    return RANGE + (" AND app_id = %(app_id)s" if app_id else "")
+
+
+# Identifiers in the SQL below come only from these sets (never from a request's text);
+# values always travel as parameters.
+_ALLOWED = set(GROUP_COLUMNS.values()) | set(COVERAGE_COLUMNS.values())
+
+
+def _known(columns: Sequence[str]) -> None:
+    unknown = [c for c in columns if c not in _ALLOWED]
+    if unknown:
+        raise ValueError(f"not a report column: {unknown}")
+
+
+def grouped_sql(columns: Sequence[str], app_id: str | None, limit: int) -> str:
+    """Sums per group of `columns` (an empty list: one row of totals)."""
+    _known(columns)
+    if not columns:
+        return f"SELECT {SUMS} FROM spend_records WHERE {where(app_id)}"  # noqa: S608 - see _ALLOWED
+    select = ", ".join(_EXPRESSIONS.get(c, c) for c in columns)
+    return (
+        f"SELECT {select}, {SUMS} FROM spend_records WHERE {where(app_id)} "  # noqa: S608 - see _ALLOWED
+        f"GROUP BY {', '.join(columns)} ORDER BY cost DESC, requests DESC LIMIT {int(limit)}"
+    )
+
+
+def app_names_sql() -> str:
+    return (
+        "SELECT app_id, argMax(app_name, occurred_at) AS name FROM spend_records "  # noqa: S608 - constant
+        f"WHERE {RANGE} AND app_name != '' GROUP BY app_id"
+    )
+
+
+def coverage_sql(columns: Sequence[tuple[str, str]], app_id: str | None) -> str:
+    """(dimension, value, requests, cost) for every value of every dimension, in one pass."""
+    _known([column for _, column in columns])
+    if not all(d in COVERAGE_COLUMNS for d, _ in columns):
+        raise ValueError("not a coverage dimension")
+    pairs = ", ".join(f"('{dimension}', {column})" for dimension, column in columns)
+    return (
+        "SELECT pair.1 AS dimension, pair.2 AS value, count() AS requests, "  # noqa: S608 - see _ALLOWED
+        "sum(ifNull(cost_usd, toDecimal128(0, 12))) AS cost "
+        f"FROM spend_records ARRAY JOIN [{pairs}] AS pair WHERE {where(app_id)} "
+        "GROUP BY dimension, value"
+    )
+
+
+def tags_sql(tags: Sequence[str]) -> str:
+    only = " AND tag IN %(tags)s" if tags else ""
+    return (
+        "SELECT tag, count() AS log_count, sum(ifNull(cost_usd, toDecimal128(0, 12))) AS total_spend "  # noqa: S608
+        f"FROM spend_records ARRAY JOIN tags AS tag WHERE {RANGE}{only} "
+        "GROUP BY tag ORDER BY total_spend DESC, tag"
+    )
+
+
+def range_parameters(span: DateRange, **extra: Any) -> dict[str, Any]:
+    fmt = "%Y-%m-%d %H:%M:%S.%f"
+    return {"start": span.start.strftime(fmt)[:-3], "end": span.end.strftime(fmt)[:-3], **extra}
+
+
+# ---------------------------------------------------------------- storage
+
+
+class ReportStore(Protocol):
+    def rows(self, sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+
+class ClickHouseReports:
+    """Runs report queries with a client of its own, bounded in time."""
+
+    def __init__(self, client: Any, max_seconds: int) -> None:
+        self._client = client
+        self._settings = {"max_execution_time": str(max_seconds), "readonly": "2"}
+
+    def rows(self, sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
+        try:
+            result = self._client.query(sql, parameters=dict(parameters), settings=self._settings)
+        except Exception as exc:
+            raise StorageUnavailableError(
+                f"the report query failed: {str(exc).splitlines()[0][:300]}"
+            ) from exc
+        names = list(result.column_names)
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+
+# ---------------------------------------------------------------- API
+
+
+class AllocationRequest(BaseModel):
+    """`POST /v1/analytics/cost-allocation` (seed 000's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_date: str | None = None
+    end_date: str | None = None
+    group_by: list[str] = Field(default_factory=lambda: ["app_id", "model"], max_length=4)
+    metrics: list[str] | None = Field(default=None, max_length=10)
+    app_id: str | None = None
+
+
+def create_router(
+    store: ReportStore,
+    require_admin: Any,
+    *,
+    coverage_dimensions: Sequence[str],
+    coverage_alert_pct: Decimal,
+    max_groups: int,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> APIRouter:
+    router = APIRouter(tags=["analytics"], default_response_class=ExactJSONResponse)
+    Admin = Annotated[str, Depends(require_admin)]
+
+    async def query(sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(store.rows, sql, parameters)
+
+    def checked(build: Callable[[], Any]) -> Any:
+        try:
+            return build()
+        except ReportError as exc:
+            raise InvalidReport(str(exc)) from exc
+
+    async def grouped(
+        span: DateRange, columns: Sequence[str], app_id: str | None
+    ) -> tuple[Sums, list[dict[str, Any]], bool]:
+        parameters = range_parameters(span, app_id=app_id)
+        totals, rows = await asyncio.gather(
+            query(grouped_sql([], app_id, max_groups), parameters),
+            query(grouped_sql(columns, app_id, max_groups), parameters),
+        )
+        return Sums.of(totals[0]), rows, len(rows) >= max_groups
+
+    def header(span: DateRange, **extra: Any) -> dict[str, Any]:
+        return {"start_date": span.start.isoformat(), "end_date": span.end.isoformat(), **extra}
+
+    @router.get("/v1/analytics/usage", responses={400: {}})
+    async def usage(
+        _: Admin,
+        app_id: str | None = None,
+        start_date: str | None = None,
+        end_date: str | None = None,
+        group_by: Annotated[list[str] | None, Query()] = None,
+    ) -> ExactJSONResponse:
+        """Totals over the range (requests, cost, tokens, average latency, success rate) and a breakdown."""
+        span = checked(lambda: date_range(start_date, end_date, now=clock()))
+        columns = checked(lambda: group_columns(group_by or [], default=["date"]))
+        sums, rows, truncated = await grouped(span, columns, app_id)
+        breakdown = []
+        for row in rows:
+            entry = {c: group_value(c, row[c]) for c in columns}
+            group = Sums.of(row)
+            entry.update(metrics_of(group, ["requests", "cost", "tokens", "avg_response_time"]))
+            entry["success_rate"] = group.success_rate
+            breakdown.append(entry)
+        return ExactJSONResponse(
+            header(span, app_id=app_id, group_by=columns)
+            | {
+                "total_requests": sums.requests,
+                "total_cost": sums.cost_usd,
+                "total_tokens": sums.tokens,
+                "avg_response_time": sums.avg_response_time_ms,
+                "success_rate": sums.success_rate,
+                "unpriced_requests": sums.unpriced,
+                "breakdown": breakdown,
+                "truncated": truncated,
+            }
+        )
+
+    @router.post("/v1/analytics/cost-allocation", responses={400: {}})
+    async def cost_allocation(body: AllocationRequest, _: Admin) -> ExactJSONResponse:
+        """Spend nested by `group_by` (default app → model), e.g. `{"apps": [{…, "models": [...]}]}`."""
+        span = checked(lambda: date_range(body.start_date, body.end_date, now=clock()))
+        columns = checked(lambda: group_columns(body.group_by, default=["app_id", "model"]))
+        metrics = checked(lambda: metric_names(body.metrics))
+        sums, rows, truncated = await grouped(span, columns, body.app_id)
+        names: dict[str, str] = {}
+        if "app_id" in columns:
+            found = await query(app_names_sql(), range_parameters(span))
+            names = {str(r["app_id"]): str(r["name"]) for r in found}
+
+        return ExactJSONResponse(
+            header(span, group_by=columns, metrics=metrics)
+            | metrics_of(sums, metrics, prefix="total_")
+            | {PLURALS[columns[0]]: allocation(rows, columns, metrics, names), "truncated": truncated}
+        )
+
+    @router.get("/spend/tags", responses={400: {}})
+    async def spend_per_tag(
+        _: Admin,
+        start_date: str | None = None,
+        end_date: str | None = None,
+        tags: str | None = None,
+    ) -> ExactJSONResponse:
+        """LiteLLM's shape: `[{"individual_request_tag", "log_count", "total_spend"}]`, by spend."""
+        span = checked(lambda: date_range(start_date, end_date, now=clock()))
+        wanted = [t.strip() for t in (tags or "").split(",") if t.strip()]
+        rows = await query(tags_sql(wanted), range_parameters(span, tags=tuple(wanted)))
+        return ExactJSONResponse(
+            [
+                {
+                    "individual_request_tag": r["tag"],
+                    "log_count": int(r["log_count"]),
+                    "total_spend": r["total_spend"],
+                }
+                for r in rows
+            ]
+        )
+
+    @router.get("/v1/analytics/coverage", responses={400: {}})
+    async def coverage(
+        _: Admin,
+        start_date: str | None = None,
+        end_date: str | None = None,
+        app_id: str | None = None,
+        dimensions: str | None = None,
+    ) -> ExactJSONResponse:
+        """For each required dimension: the share of requests and cost that carries it, and the untagged bucket."""
+        span = checked(lambda: date_range(start_date, end_date, now=clock()))
+        columns = checked(lambda: coverage_columns((dimensions or ",".join(coverage_dimensions)).split(",")))
+        parameters = range_parameters(span, app_id=app_id)
+        totals, rows = await asyncio.gather(
+            query(grouped_sql([], app_id, max_groups), parameters),
+            query(coverage_sql(columns, app_id), parameters),
+        )
+        sums = Sums.of(totals[0])
+        per_dimension: dict[str, list[tuple[str, int, Decimal]]] = {d: [] for d, _ in columns}
+        for row in rows:
+            per_dimension[row["dimension"]].append(
+                (str(row["value"]), int(row["requests"]), Decimal(row["cost"]))
+            )
+        reports = [
+            coverage_dimension(
+                d, per_dimension[d], sums.requests, sums.cost_usd, alert_below_pct=coverage_alert_pct
+            )
+            for d, _ in columns
+        ]
+        return ExactJSONResponse(
+            header(span, app_id=app_id, alert_below_pct=coverage_alert_pct)
+            | {
+                "total": {"requests": sums.requests, "cost": sums.cost_usd},
+                "alert": any(r["alert"] for r in reports),
+                "dimensions": reports,
+            }
+        )
+
+    return router
