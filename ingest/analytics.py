@@ -5,7 +5,6 @@ equals what an analyst's SQL returns for the same range, to the last digit.
 Money is an exact JSON number; dates are ISO-8601 in UTC.
 """
 
-
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
