@@ -31,6 +31,7 @@ from ledger.reports import (
     group_value,
     metric_names,
     metrics_of,
+    total,
 )
 
 # ---------------------------------------------------------------- SQL (pure, tested as text)
@@ -44,9 +45,42 @@ SUMS = (
 )
 RANGE = "occurred_at >= toDateTime64(%(start)s, 3, 'UTC') AND occurred_at < toDateTime64(%(end)s, 3, 'UTC')"
 
+# The same sums from the daily rollup, for ranges of whole UTC days over its columns.
+ROLLUP_COLUMNS = frozenset(
+    {
+        "date",
+        "app_id",
+        "team",
+        "environment",
+        "feature",
+        "project",
+        "tenant_id",
+        "region",
+        "provider",
+        "model",
+    }
+    | {"status", "price_source"}
+)
+_ROLLUP_EXPRESSIONS = {"date": "day AS date"}
+# Qualified: an alias named like a column would shadow it inside the other sums.
+ROLLUP_SUMS = (
+    "sum(spend_daily.requests) AS requests, sum(spend_daily.cost_usd) AS cost, "
+    "sum(spend_daily.input_tokens + spend_daily.output_tokens) AS tokens, "
+    "sum(spend_daily.latency_ms_sum) AS latency_ms_sum, sum(spend_daily.latency_count) AS latency_count, "
+    "sumIf(spend_daily.requests, spend_daily.status = 'success') AS successes, "
+    "sum(spend_daily.unpriced_requests) AS unpriced"
+)
+ROLLUP_RANGE = "day >= toDate(%(start)s) AND day < toDate(%(end)s)"
 
-def where(app_id: str | None) -> str:
-    return RANGE + (" AND app_id = %(app_id)s" if app_id else "")
+
+def where(app_id: str | None, *, rollup: bool = False) -> str:
+    return (ROLLUP_RANGE if rollup else RANGE) + (" AND app_id = %(app_id)s" if app_id else "")
+
+
+def use_rollup(span: DateRange, columns: Sequence[str]) -> bool:
+    """Whole UTC days, grouped only by the rollup's columns: `spend_daily` gives the same sums, faster."""
+    whole_days = all(t.hour == t.minute == t.second == t.microsecond == 0 for t in (span.start, span.end))
+    return whole_days and set(columns) <= ROLLUP_COLUMNS
 
 
 # Identifiers in the SQL below come only from these sets (never from a request's text);
@@ -60,22 +94,27 @@ def _known(columns: Sequence[str]) -> None:
         raise ValueError(f"not a report column: {unknown}")
 
 
-def grouped_sql(columns: Sequence[str], app_id: str | None, limit: int) -> str:
-    """Sums per group of `columns` (an empty list: one row of totals)."""
+def grouped_sql(columns: Sequence[str], app_id: str | None, limit: int, *, rollup: bool = False) -> str:
+    """Sums per group of `columns` (an empty list: one row of totals), from the records or the rollup."""
     _known(columns)
+    if rollup and not set(columns) <= ROLLUP_COLUMNS:
+        raise ValueError(f"the rollup has no {sorted(set(columns) - ROLLUP_COLUMNS)}")
+    table, sums = ("spend_daily", ROLLUP_SUMS) if rollup else ("spend_records", SUMS)
+    expressions = _ROLLUP_EXPRESSIONS if rollup else _EXPRESSIONS
     if not columns:
-        return f"SELECT {SUMS} FROM spend_records WHERE {where(app_id)}"  # noqa: S608 - see _ALLOWED
-    select = ", ".join(_EXPRESSIONS.get(c, c) for c in columns)
+        return f"SELECT {sums} FROM {table} WHERE {where(app_id, rollup=rollup)}"  # noqa: S608 - see _ALLOWED
+    select = ", ".join(expressions.get(c, c) for c in columns)
     return (
-        f"SELECT {select}, {SUMS} FROM spend_records WHERE {where(app_id)} "  # noqa: S608 - see _ALLOWED
+        f"SELECT {select}, {sums} FROM {table} WHERE {where(app_id, rollup=rollup)} "  # noqa: S608 - see _ALLOWED
         f"GROUP BY {', '.join(columns)} ORDER BY cost DESC, requests DESC LIMIT {int(limit)}"
     )
 
 
 def app_names_sql() -> str:
+    """Each app's latest name on the days the range touches (from the rollup: cheap at any size)."""
     return (
-        "SELECT app_id, argMax(app_name, occurred_at) AS name FROM spend_records "  # noqa: S608 - constant
-        f"WHERE {RANGE} AND app_name != '' GROUP BY app_id"
+        "SELECT app_id, argMax(app_name, day) AS name FROM spend_daily "
+        "WHERE day >= toDate(%(start)s) AND day <= toDate(%(end)s) AND app_name != '' GROUP BY app_id"
     )
 
 
@@ -170,13 +209,17 @@ def create_router(
 
     async def grouped(
         span: DateRange, columns: Sequence[str], app_id: str | None
-    ) -> tuple[Sums, list[dict[str, Any]], bool]:
+    ) -> tuple[Sums, list[dict[str, Any]], bool, str]:
+        """(totals, rows per group, truncated, source table)."""
         parameters = range_parameters(span, app_id=app_id)
-        totals, rows = await asyncio.gather(
-            query(grouped_sql([], app_id, max_groups), parameters),
-            query(grouped_sql(columns, app_id, max_groups), parameters),
-        )
-        return Sums.of(totals[0]), rows, len(rows) >= max_groups
+        rollup = use_rollup(span, columns)
+        rows = await query(grouped_sql(columns, app_id, max_groups, rollup=rollup), parameters)
+        truncated = len(rows) >= max_groups
+        if truncated:  # the listed groups are not all: ask for the whole totals
+            sums = Sums.of((await query(grouped_sql([], app_id, max_groups, rollup=rollup), parameters))[0])
+        else:
+            sums = total(Sums.of(row) for row in rows)
+        return sums, rows, truncated, "spend_daily" if rollup else "spend_records"
 
     def header(span: DateRange, **extra: Any) -> dict[str, Any]:
         return {"start_date": span.start.isoformat(), "end_date": span.end.isoformat(), **extra}
@@ -192,7 +235,7 @@ def create_router(
         """Totals over the range (requests, cost, tokens, average latency, success rate) and a breakdown."""
         span = checked(lambda: date_range(start_date, end_date, now=clock()))
         columns = checked(lambda: group_columns(group_by or [], default=["date"]))
-        sums, rows, truncated = await grouped(span, columns, app_id)
+        sums, rows, truncated, source = await grouped(span, columns, app_id)
         breakdown = []
         for row in rows:
             entry = {c: group_value(c, row[c]) for c in columns}
@@ -211,6 +254,7 @@ def create_router(
                 "unpriced_requests": sums.unpriced,
                 "breakdown": breakdown,
                 "truncated": truncated,
+                "source": source,
             }
         )
 
@@ -220,7 +264,7 @@ def create_router(
         span = checked(lambda: date_range(body.start_date, body.end_date, now=clock()))
         columns = checked(lambda: group_columns(body.group_by, default=["app_id", "model"]))
         metrics = checked(lambda: metric_names(body.metrics))
-        sums, rows, truncated = await grouped(span, columns, body.app_id)
+        sums, rows, truncated, source = await grouped(span, columns, body.app_id)
         names: dict[str, str] = {}
         if "app_id" in columns:
             found = await query(app_names_sql(), range_parameters(span))
@@ -229,7 +273,11 @@ def create_router(
         return ExactJSONResponse(
             header(span, group_by=columns, metrics=metrics)
             | metrics_of(sums, metrics, prefix="total_")
-            | {PLURALS[columns[0]]: allocation(rows, columns, metrics, names), "truncated": truncated}
+            | {
+                PLURALS[columns[0]]: allocation(rows, columns, metrics, names),
+                "truncated": truncated,
+                "source": source,
+            }
         )
 
     @router.get("/spend/tags", responses={400: {}})

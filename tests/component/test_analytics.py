@@ -123,6 +123,7 @@ async def test_usage_totals_and_breakdown_equal_spend_records(api, ledger_db):
     assert body["avg_response_time"] == Decimal(str(latency))
     assert body["success_rate"] == (Decimal(successes) / requests).quantize(Decimal("0.0001"))
     assert body["start_date"] == "2026-11-01T00:00:00+00:00" and body["group_by"] == ["date", "model"]
+    assert body["source"] == "spend_daily"  # whole days: read from the rollup, equal to the records
     assert sum(b["requests"] for b in body["breakdown"]) == requests
     assert sum(b["cost"] for b in body["breakdown"]) == cost
     per_day_model = {
@@ -290,6 +291,7 @@ async def test_many_groups_are_truncated_and_said_so_but_totals_stay_whole(api, 
         await api.get("/v1/analytics/usage", params={**RANGE, "group_by": "user_id,model"}, headers=ADMIN)
     )
     assert body["truncated"] is True and len(body["breakdown"]) == 50  # report_max_groups
+    assert body["source"] == "spend_records"  # users are not in the rollup
     ((requests,),) = sql(ledger_db, f"SELECT count() FROM spend_records WHERE {IN_RANGE}")
     assert body["total_requests"] == requests
 
@@ -299,3 +301,30 @@ def test_money_is_an_exact_json_number():
 
     assert orjson.loads(dumps_exact({"c": Decimal("0.004500000000")})) == {"c": 0.0045}
     assert dumps_exact({"c": Decimal("12345678901234.123456789012")}) == b'{"c":12345678901234.123456789012}'
+
+
+async def test_a_range_of_part_days_is_summed_from_the_records_to_the_millisecond(api, ledger_db):
+    start, end = "2026-11-02T06:30:00.250Z", "2026-11-05T17:45:10.500Z"
+    body = exact(
+        await api.post(
+            "/v1/analytics/cost-allocation",
+            json={
+                "start_date": start,
+                "end_date": end,
+                "group_by": ["team"],
+                "metrics": ["requests", "cost"],
+            },
+            headers=ADMIN,
+        )
+    )
+    assert body["source"] == "spend_records"
+    expected = {
+        team or None: (n, c)
+        for team, n, c in sql(
+            ledger_db,
+            "SELECT team, count(), sum(ifNull(cost_usd, 0)) FROM spend_records "
+            "WHERE occurred_at >= toDateTime64('2026-11-02 06:30:00.250', 3, 'UTC') "
+            "AND occurred_at < toDateTime64('2026-11-05 17:45:10.500', 3, 'UTC') GROUP BY team",
+        )
+    }
+    assert {t["team"]: (t["requests"], t["cost"]) for t in body["teams"]} == expected

@@ -55,5 +55,7 @@ def test_the_reconciliation_query_says_equal(ledger_db):
 def test_coverage_trend_matches_the_records(ledger_db):
     rows = ledger_db.query(QUERIES[5]).result_rows
     untagged_team = sum(r[3] for r in rows if r[1] == "team")
-    ((expected,),) = ledger_db.query(f"SELECT count() FROM spend_records WHERE {NOVEMBER} AND team = ''").result_rows
+    ((expected,),) = ledger_db.query(
+        f"SELECT count() FROM spend_records WHERE {NOVEMBER} AND team = ''"
+    ).result_rows
     assert untagged_team == expected
