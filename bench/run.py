@@ -179,6 +179,7 @@ def main() -> None:
     suffix = "10m_rows" if rows == 10_000_000 else f"{rows}_rows"
     figures[f"cost_allocation_{suffix}_s"] = report["seconds"]
     figures[f"cost_allocation_endpoint_{suffix}_s"] = report["endpoint_seconds"]
+    figures[f"cost_allocation_endpoint_records_{suffix}_s"] = report["endpoint_records_seconds"]
 
     step(f"worker memory with {tags:,} tags in budget state")
     memory = memory_in_fresh_process(tags)
