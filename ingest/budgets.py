@@ -250,6 +250,13 @@ def create_router(
             raise NotFound(f"no budget for {', '.join(missing)}", {"unknown": missing})
         return ExactJSONResponse(found)
 
+    @router.get("/tag/list", response_class=ExactJSONResponse)
+    async def tag_list(_: Admin) -> ExactJSONResponse:
+        """Every tag budget, as `/tag/info` describes it, sorted by tag."""
+        require_current()
+        definitions = sorted(registry.items())
+        return ExactJSONResponse([await info(definition) for _, definition in definitions])
+
     @router.post("/tag/update", response_class=ExactJSONResponse, responses={404: {}, 422: {}})
     async def tag_update(body: TagUpdate, _: Admin) -> ExactJSONResponse:
         """Change any of a budget's fields; the others stay. A raised budget lifts its block."""

@@ -1,4 +1,4 @@
-"""`spendledger`: up | sql | api | worker | sink | migrate (DESIGN §10)."""
+"""`spendledger`: up | sql | demo | api | worker | sink | migrate (DESIGN §10)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     sql.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
 
+    demo = sub.add_parser("demo", help="send realistic synthetic traffic to the running system")
+    demo.add_argument("--events", type=int, default=5000, help="calls to send (default 5000)")
+    demo.add_argument("--days", type=int, default=7, help="spread them over this many past days (default 7)")
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--api-url", default=None, help="the API (default: the local one `up` started)")
+    demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
     for name, text in (
         ("api", "serve the HTTP API"),
         ("worker", "run a Faust worker"),
@@ -64,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "sql":
             return cmd_sql(args, settings)
+        if args.command == "demo":
+            return cmd_demo(args, settings)
         if args.command == "api":
             from spendledger.services import run_api
 
@@ -132,11 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     """Through the running API in embedded mode (chDB allows one process), else straight to ClickHouse."""
-    running = args.data_dir / RUNNING_FILE
-    local_url = (
-        running.read_text().strip() if running.exists() else f"http://{settings.api_host}:{settings.api_port}"
-    )
-    api_url = args.api_url or settings.api_url or local_url
+    api_url = _api_url(args, settings)
     if settings.is_embedded_clickhouse and "SPENDLEDGER_CLICKHOUSE_DSN" not in os.environ:
         dsn = f"chdb://{(args.data_dir / 'clickhouse').resolve()}"
         settings = settings.model_copy(update={"clickhouse_dsn": SecretStr(dsn)})
@@ -173,6 +178,68 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Send `--events` synthetic calls in batches, with progress, and create a few budgets."""
+    from datetime import UTC, datetime
+
+    from spendledger.demo import BUDGETS, events
+
+    if args.events < 1 or args.days < 1:
+        print("error: --events and --days must be at least 1", file=sys.stderr)
+        return 2
+    api_url = _api_url(args, settings)
+    if not _reachable(api_url):
+        print(f"error: no API answers at {api_url}; start it with `spendledger up`", file=sys.stderr)
+        return 1
+    producer = (settings.producer_key_list() or [_dev_key(args.data_dir, "producer")])[0]
+    admin = (settings.admin_key_list() or [_dev_key(args.data_dir, "admin")])[0]
+    _say(f"==> sending {args.events:,} calls over the last {args.days} days to {api_url}")
+    batch: list[dict[str, Any]] = []
+    sent, started, shown = 0, time.monotonic(), 0.0
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        for n, event in enumerate(
+            events(args.events, now=datetime.now(UTC), days=args.days, seed=args.seed), 1
+        ):
+            batch.append(event)
+            if len(batch) == 500 or n == args.events:
+                response = http.post(
+                    "/v1/events", json={"events": batch}, headers={"Authorization": f"Bearer {producer}"}
+                )
+                if response.status_code != 202:
+                    print(f"error: HTTP {response.status_code}: {response.text[:300]}", file=sys.stderr)
+                    return 1
+                sent += len(batch)
+                batch = []
+                if time.monotonic() - shown >= 1 or sent == args.events:
+                    shown = time.monotonic()
+                    _say(f"    {_bar(sent, args.events)} {sent:,} / {args.events:,} calls")
+        _say("==> creating demo budgets")
+        for budget in BUDGETS:
+            r = http.post("/tag/new", json=budget, headers={"Authorization": f"Bearer {admin}"})
+            state = {200: "created", 409: "already there"}.get(r.status_code, f"HTTP {r.status_code}")
+            _say(f"    {budget['name']}: ${budget['max_budget']} per {budget['budget_duration']} ({state})")
+    _say(f"sent {sent:,} calls in {time.monotonic() - started:.1f}s; they land within a few seconds")
+    _say(f"  dashboard: {api_url}/ui")
+    _say(f"  reports:   {api_url}/docs#/analytics")
+    _say(
+        '  try:       spendledger sql "SELECT team, count(), sum(cost_usd) FROM spend_records GROUP BY team"'
+    )
+    return 0
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = round(width * done / total) if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _api_url(args: argparse.Namespace, settings: Settings) -> str:
+    running = args.data_dir / RUNNING_FILE
+    local_url = (
+        running.read_text().strip() if running.exists() else f"http://{settings.api_host}:{settings.api_port}"
+    )
+    return str(args.api_url or settings.api_url or local_url)
+
+
 def render(columns: list[str], rows: list[list[Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2)
@@ -207,10 +274,15 @@ def _reachable(api_url: str) -> bool:
 
 
 def _dev_admin_key(data_dir: Path) -> str:
+    return _dev_key(data_dir, "admin")
+
+
+def _dev_key(data_dir: Path, kind: str) -> str:
     path = data_dir / "dev-keys.json"
     if not path.exists():
-        raise SpendLedgerError("no admin key: set SPENDLEDGER_ADMIN_KEYS (or run from the directory of `up`)")
-    return str(json.loads(path.read_text())["admin"])
+        variable = "SPENDLEDGER_ADMIN_KEYS" if kind == "admin" else "SPENDLEDGER_PRODUCER_KEYS"
+        raise SpendLedgerError(f"no {kind} key: set {variable} (or run from the directory of `up`)")
+    return str(json.loads(path.read_text())[kind])
 
 
 def _say(text: str) -> None:

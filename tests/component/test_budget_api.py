@@ -9,7 +9,8 @@ import pytest
 from httpx import ASGITransport, AsyncClient
 
 from ingest.app import Services, create_app
-from ingest.budgets import BudgetServices, dumps_exact
+from ingest.budgets import BudgetServices
+from ingest.exact import dumps_exact
 from ingest.publisher import InMemoryPublisher
 from ledger.tags import AttributionPolicy
 from schemas.budgets import BlockSignal, BudgetDefinition
@@ -195,3 +196,19 @@ def test_exact_json_keeps_every_digit():
         {"a": Decimal("0.000000000001"), "b": [Decimal("123456789012345678.123456789012")], "c": "x"}
     )
     assert text == b'{"a":0.000000000001,"b":[123456789012345678.123456789012],"c":"x"}'
+
+
+async def test_tag_list_describes_every_budget_sorted(api):
+    http, _ = api
+    assert (await http.get("/tag/list", headers=ADMIN)).json() == []
+    for name, amount in (("team:b", 5), ("team:a", 10)):
+        r = await http.post(
+            "/tag/new", json={"name": name, "max_budget": amount, "budget_duration": "1d"}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+    listed = (await http.get("/tag/list", headers=ADMIN)).json()
+    assert [(b["name"], b["max_budget"], b["blocked"]) for b in listed] == [
+        ("team:a", 10, False),
+        ("team:b", 5, False),
+    ]
+    assert (await http.get("/tag/list", headers={"Authorization": "Bearer prod-key"})).status_code == 403
