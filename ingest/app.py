@@ -1,18 +1,20 @@
 """The HTTP API: events in, SQL out, health and metrics (DESIGN §4, §10)."""
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
@@ -222,6 +224,18 @@ def create_app(services: Services) -> FastAPI:
         }
         return JSONResponse(body, 200 if ready else 503)
 
+    @app.get("/ui", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        """The dashboard: one static page that reads the reports API with an admin key."""
+        return HTMLResponse(
+            _dashboard_html(),
+            headers={
+                "Cache-Control": "no-store",
+                "Referrer-Policy": "no-referrer",
+                "X-Frame-Options": "DENY",
+            },
+        )
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -247,6 +261,11 @@ def create_app(services: Services) -> FastAPI:
     # Make RawEvent and EventBatch appear in the OpenAPI components for the oneOf above.
     _register_models(app, [RawEvent, EventBatch])
     return app
+
+
+@functools.cache
+def _dashboard_html() -> str:
+    return resources.files("ingest").joinpath("ui/index.html").read_text(encoding="utf-8")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -46,7 +46,7 @@ ENVIRONMENTS = (("prod", 70), ("staging", 20), ("dev", 7), ("", 3))
 # Budgets the demo creates, so the dashboard has progress bars (one of them is small enough to block).
 BUDGETS = (
     {"name": "team:support", "max_budget": 50, "budget_duration": "30d"},
-    {"name": "team:search", "max_budget": 0.5, "budget_duration": "1d"},
+    {"name": "team:search", "max_budget": 0.05, "budget_duration": "1d"},
     {"name": "team:data", "max_budget": 20, "budget_duration": "7d"},
 )
 
