@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from ledger.errors import LedgerError
+from ledger.tags import DIMENSION_COLUMNS
 
 MAX_RANGE = timedelta(days=3660)
 DEFAULT_RANGE = timedelta(days=30)
@@ -55,18 +56,7 @@ GROUP_COLUMNS: dict[str, str] = {
 }
 
 # Dimensions whose coverage can be measured (a record carries one value or none).
-COVERAGE_COLUMNS: dict[str, str] = {
-    "app": "app_id",
-    "env": "environment",
-    "team": "team",
-    "project": "project",
-    "feature": "feature",
-    "user": "user_id",
-    "session": "session_id",
-    "tenant": "tenant_id",
-    "region": "region",
-    "version": "app_version",
-}
+COVERAGE_COLUMNS: dict[str, str] = dict(DIMENSION_COLUMNS)
 
 METRICS = ("requests", "cost", "tokens", "avg_response_time")
 

@@ -201,8 +201,8 @@ ANTHROPIC_MESSAGES = _Api("anthropic", _anthropic_event)
 # ---------------------------------------------------------------- streams
 
 
-class _Stream:
-    """The provider's stream, observed: the same iteration, `with`, `close()` and attributes."""
+class _Observed:
+    """A provider stream wrapped so its chunks are observed; attributes pass through to it."""
 
     def __init__(self, stream: Any, call: _Call, hide: bool) -> None:
         self._stream = stream
@@ -210,7 +210,30 @@ class _Stream:
         self._hide = hide
 
     def __getattr__(self, name: str) -> Any:
-        return _delegate(self, name)
+        stream = self.__dict__.get("_stream")
+        if stream is None:
+            raise AttributeError(name)
+        return getattr(stream, name)
+
+    def _take(self, chunk: Any) -> bool:
+        """Observe a chunk; False when it must be hidden from the caller."""
+        self._call.api.observe_chunk(self._call, chunk)
+        return not (self._hide and self._call.api.hidden(chunk))
+
+    def _ended(self, exc: BaseException | None = None) -> None:
+        if exc is None:
+            self._call.status = self._call.status or "success"
+        _finish(self._call, exc)
+
+    def __del__(self) -> None:
+        # A stream dropped unread (garbage collected) is an incomplete call.
+        call = self.__dict__.get("_call")
+        if call is not None:
+            _finish(call)
+
+
+class _Stream(_Observed):
+    """The provider's stream, observed: the same iteration, `with`, `close()` and attributes."""
 
     def __iter__(self) -> _Stream:
         return self
@@ -220,14 +243,12 @@ class _Stream:
             try:
                 chunk = next(self._stream)
             except StopIteration:
-                self._call.status = self._call.status or "success"
-                self._end()
+                self._ended()
                 raise
             except BaseException as exc:
-                self._end(exc)
+                self._ended(exc)
                 raise
-            self._call.api.observe_chunk(self._call, chunk)
-            if not (self._hide and self._call.api.hidden(chunk)):
+            if self._take(chunk):
                 return chunk
 
     def __enter__(self) -> _Stream:
@@ -240,25 +261,11 @@ class _Stream:
         try:
             self._stream.close()
         finally:
-            self._end()
-
-    def _end(self, exc: BaseException | None = None) -> None:
-        _finish(self._call, exc)
-
-    def __del__(self) -> None:
-        _finish_abandoned(self)
+            _finish(self._call)
 
 
-class _AsyncStream:
+class _AsyncStream(_Observed):
     """The async provider stream, observed (see `_Stream`)."""
-
-    def __init__(self, stream: Any, call: _Call, hide: bool) -> None:
-        self._stream = stream
-        self._call = call
-        self._hide = hide
-
-    def __getattr__(self, name: str) -> Any:
-        return _delegate(self, name)
 
     def __aiter__(self) -> _AsyncStream:
         return self
@@ -268,14 +275,12 @@ class _AsyncStream:
             try:
                 chunk = await self._stream.__anext__()
             except StopAsyncIteration:
-                self._call.status = self._call.status or "success"
-                _finish(self._call)
+                self._ended()
                 raise
             except BaseException as exc:  # CancelledError included: the stream was cancelled
-                _finish(self._call, exc)
+                self._ended(exc)
                 raise
-            self._call.api.observe_chunk(self._call, chunk)
-            if not (self._hide and self._call.api.hidden(chunk)):
+            if self._take(chunk):
                 return chunk
 
     async def __aenter__(self) -> _AsyncStream:
@@ -289,23 +294,6 @@ class _AsyncStream:
             await self._stream.close()
         finally:
             _finish(self._call)
-
-    def __del__(self) -> None:
-        _finish_abandoned(self)
-
-
-def _delegate(proxy: Any, name: str) -> Any:
-    stream = proxy.__dict__.get("_stream")
-    if stream is None:
-        raise AttributeError(name)
-    return getattr(stream, name)
-
-
-def _finish_abandoned(proxy: Any) -> None:
-    """A stream dropped unread (garbage collected) is an incomplete call."""
-    call = proxy.__dict__.get("_call")
-    if call is not None:
-        _finish(call)
 
 
 def _finish(call: _Call, exc: BaseException | None = None) -> None:
