@@ -36,8 +36,11 @@ def chromium() -> str:
     pytest.skip("no Chromium found; install Debian's `chromium` package to run the dashboard test")
 
 
-def render(browser: str, url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+def render(browser: str, url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    # No background networking: on a closed network Chromium's own connections are refused at every start.
     command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    command += ["--disable-quic", "--no-first-run", "--disable-background-networking"]
+    command += ["--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]
     command += ["--virtual-time-budget=20000", "--window-size=1400,1100", "--hide-scrollbars", *flags, url]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
 
@@ -130,7 +133,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
     )
 
     url = f"{ledger.system.api_url}/ui#key={ledger.system.admin_key}&start={span['start_date']}&end={span['end_date']}"
-    page = render(browser, url, "--dump-dom")
+    page = render(browser, url, tmp_path / "profile-dom", "--dump-dom")
     assert page.returncode == 0, page.stderr[-2000:]
     parsed = Figures()
     parsed.feed(page.stdout)
@@ -183,7 +186,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
     assert shown["alerts:count"] == f"({recent})" and recent >= alerts[0][0]
 
     screenshot = tmp_path / "dashboard.png"
-    shot = render(browser, url, f"--screenshot={screenshot}")
+    shot = render(browser, url, tmp_path / "profile-shot", f"--screenshot={screenshot}")
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
     if os.environ.get("SPENDLEDGER_SCREENSHOT_DIR"):
