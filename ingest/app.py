@@ -17,11 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.analytics import ReportStore
 from ingest.analytics import create_router as create_analytics_router
 from ingest.budgets import BudgetServices, create_router
 from ingest.errors import (
+    FRAMEWORK_CODES,
     ApiError,
     BrokerUnavailableError,
     Forbidden,
@@ -143,6 +145,16 @@ def create_app(services: Services) -> FastAPI:
         metrics.requests_rejected.labels(InvalidEvent.code).inc()
         details = [_error_detail(e) for e in exc.errors()]
         return JSONResponse(error_body("invalid_request", "the request breaks the schema", details), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (unknown path, wrong method, a body it cannot parse) in our shape.
+        code = FRAMEWORK_CODES.get(exc.status_code, "bad_request")
+        metrics.requests_rejected.labels(code).inc()
+        message = (
+            exc.detail if isinstance(exc.detail, str) and len(exc.detail) >= 10 else code.replace("_", " ")
+        )
+        return JSONResponse(error_body(code, message), exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

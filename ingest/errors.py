@@ -119,6 +119,16 @@ HTTP_STATUS: dict[type[ApiError], int] = {
 }
 
 
+# Codes for refusals the web framework makes itself, before our handlers run.
+FRAMEWORK_CODES: dict[int, str] = {
+    400: "invalid_json",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
 def status_for(error: ApiError) -> int:
     for cls in type(error).__mro__:
         if cls in HTTP_STATUS:
