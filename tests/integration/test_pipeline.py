@@ -284,6 +284,9 @@ def test_no_credential_reaches_kafka_or_clickhouse(ledger):
             break
     consumer.close()
     assert found_raw and found_attributed
-    for secret in secrets:
+    logs = "".join(p.read_text(errors="replace") for p in ledger.system.log_dir.glob("*.log"))
+    keys = [ledger.system.producer_key, ledger.system.admin_key]
+    for secret in secrets + keys:
         assert secret not in stored, secret
         assert secret.encode() not in seen, secret
+        assert secret not in logs, secret  # the API, worker and broker logs
