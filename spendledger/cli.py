@@ -124,19 +124,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"ClickHouse: {system.child_env['SPENDLEDGER_CLICKHOUSE_DSN']}")
     _say(f"Logs:       {system.log_dir}/")
     _say(f"ready in {time.monotonic() - started:.1f}s; Ctrl-C to stop")
-    exit_code = 0
+    # A child that exits is restarted with backoff; each exit and restart is printed
+    # and written to logs/supervisor.log.
+    system.start_supervisor()
     while not stopping:
-        dead = system.exited_child()
-        if dead is not None:
-            _say(f"error: the {dead} exited; see {system.log_dir}/{dead}.log. Stopping.")
-            exit_code = 1
-            break
-        time.sleep(0.5)
+        time.sleep(0.2)
     _say("stopping…")
     (args.data_dir / RUNNING_FILE).unlink(missing_ok=True)
     system.stop()
     _say("stopped")
-    return exit_code
+    return 0
 
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:

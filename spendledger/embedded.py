@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import httpx
 from spendledger.errors import StartupError
 from spendledger.kafka import ensure_topics, port_open, start_tansu
 from spendledger.settings import Settings
+from spendledger.supervisor import RestartPolicy
 
 ENV = "SPENDLEDGER_"
 DEV_KEYS_FILE = "dev-keys.json"
@@ -45,6 +47,10 @@ class EmbeddedSystem:
     worker_ports: dict[str, int] = field(default_factory=dict, init=False)
     producer_key: str = field(default="", init=False)
     admin_key: str = field(default="", init=False)
+    policy: RestartPolicy = field(default_factory=RestartPolicy, init=False)
+    _child_env: dict[str, dict[str, str]] = field(default_factory=dict, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
     def api_url(self) -> str:
@@ -115,6 +121,8 @@ class EmbeddedSystem:
         self.admin_key = admin.split(",")[0]
 
     def _spawn(self, name: str, env: dict[str, str] | None = None) -> None:
+        self._child_env[name] = env or {}
+        self.policy.started(name, time.monotonic())
         log = (self.log_dir / f"{name}.log").open("ab")
         command = "worker" if name.startswith("worker") else name
         self.children[name] = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
@@ -149,17 +157,71 @@ class EmbeddedSystem:
                 raise StartupError(f"not ready within {self.startup_timeout_s:.0f} s: {', '.join(pending)}")
             time.sleep(0.2)
 
-    def exited_child(self) -> str | None:
-        """The name of a child that has exited, if any."""
-        for name, child in self.children.items():
-            if child.poll() is not None:
-                return name
-        if self.broker is not None and self.broker.poll() is not None:
-            return "broker"
-        return None
+    # ------------------------------------------------------------ supervision
+
+    def supervise(self) -> None:
+        """Restart every child that exited, with backoff (RestartPolicy); each exit and restart is logged.
+
+        The broker is restarted too, and the topics created again; its log was in
+        memory, so what it held is gone (production runs a replicated Kafka).
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            processes: dict[str, subprocess.Popen[bytes] | None] = {**self.children}
+            if self.broker is not None:
+                processes["broker"] = self.broker
+            for name, process in processes.items():
+                if process is None or process.poll() is None:
+                    continue
+                record = self.policy.children.get(name)
+                if record is None or record.restart_at is None:
+                    delay = self.policy.exited(name, now)
+                    self._log_event(
+                        f"the {name} exited with code {process.returncode}; restarting it in {delay:.0f} s "
+                        f"(restart {self.policy.total_restarts(name)})"
+                    )
+                elif self.policy.due(name, now):
+                    self._restart(name)
+
+    def _restart(self, name: str) -> None:
+        if name == "broker":
+            self.broker = start_tansu(self.host, self.kafka_port, self.log_dir / "broker.log")
+            self.policy.started("broker", time.monotonic())
+            ensure_topics(Settings.model_validate(_settings_from(self.child_env)))
+            self._log_event("restarted the broker; its in-memory log was lost, the topics are created again")
+            return
+        self._spawn(name, self._child_env.get(name))
+        self._log_event(f"restarted the {name} (pid {self.children[name].pid})")
+
+    def _log_event(self, text: str) -> None:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {text}"
+        with (self.log_dir / "supervisor.log").open("a") as log:
+            log.write(line + "\n")
+        self.say(f"supervisor: {text}")
+
+    def start_supervisor(self, interval_s: float = 0.5) -> threading.Thread:
+        """Supervise in a background thread until `stop()`."""
+
+        def run() -> None:
+            while not self._stopping.wait(interval_s):
+                try:
+                    self.supervise()
+                except Exception as exc:  # keep supervising; say what went wrong
+                    self._log_event(f"supervision failed: {type(exc).__name__}: {exc}")
+
+        thread = threading.Thread(target=run, name="supervisor", daemon=True)
+        thread.start()
+        return thread
 
     def stop(self) -> None:
         """Stop the API (and its sink), then the worker, then the broker: each SIGTERM, then SIGKILL."""
+        self._stopping.set()
+        with self._lock:
+            self._stop_children()
+
+    def _stop_children(self) -> None:
         for name in ["api", *self.worker_ports]:
             child = self.children.get(name)
             if child is not None:

@@ -19,7 +19,9 @@ ROUTES = sorted(
 
 
 def test_every_route_is_classified() -> None:
-    assert len(ROUTES) == 14  # events, check, sql, 5 budget, 2 limit and 4 report routes: a new one must be classified
+    assert (
+        len(ROUTES) == 14
+    )  # events, check, sql, 5 budget, 2 limit and 4 report routes: a new one must be classified
     assert PRODUCER_ROUTES <= set(ROUTES)
 
 

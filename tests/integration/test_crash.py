@@ -1,0 +1,146 @@
+"""Crash safety: kill -9 the worker and the API (which hosts the sink) under load, several times.
+
+A sender posts 20,000 events in batches, retrying each batch with the same
+event ids until it is accepted, while a killer SIGKILLs a child at random
+moments; `EmbeddedSystem`'s supervisor restarts it with backoff. Afterwards
+`spend_records` holds exactly one row per event, the Decimal total is exact, and
+the budget's spend equals ClickHouse.
+"""
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from spendledger.guard import BudgetGuard
+from tests.integration.conftest import Ledger, running_system
+
+pytestmark = pytest.mark.integration
+
+EVENTS = 20_000
+BATCH = 500
+KILLS = 6
+# (model, usage, cost of one call): 1000 input + 200 output tokens each.
+MODELS = [
+    ("openai/gpt-4o", {"prompt_tokens": 1000, "completion_tokens": 200}, Decimal("0.0045")),
+    ("openai/gpt-4o-mini", {"prompt_tokens": 1000, "completion_tokens": 200}, Decimal("0.00027")),
+    ("anthropic/claude-haiku-4-5", {"input_tokens": 1000, "output_tokens": 200}, Decimal("0.002")),
+]
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: Any) -> Any:
+    with running_system(tmp_path_factory) as ledger:
+        ledger.system.start_supervisor(0.25)
+        yield ledger
+
+
+def test_kill_9_under_load_loses_nothing_and_counts_nothing_twice(supervised: Ledger) -> None:
+    ledger = supervised
+    run = f"crash{uuid.uuid4().hex[:8]}"
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
+    r = ledger.http.post(
+        "/tag/new", json={"name": f"team:{run}", "max_budget": 10**6, "budget_duration": "30d"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+
+    events = [
+        {
+            "kind": "completed",
+            "event_id": f"{run}-e{i}",
+            "request_id": f"{run}-r{i}",
+            "model": MODELS[i % 3][0],
+            "usage": MODELS[i % 3][1],
+            "headers": {"x-litellm-tags": f"team:{run}"},
+        }
+        for i in range(EVENTS)
+    ]
+    expected_total = sum((MODELS[i % 3][2] for i in range(EVENTS)), Decimal(0))
+    done = threading.Event()
+    retries = [0]
+
+    def send() -> None:
+        http = httpx.Client(base_url=ledger.system.api_url, timeout=30)
+        headers = {"Authorization": f"Bearer {ledger.system.producer_key}"}
+        for start in range(0, EVENTS, BATCH):
+            while True:  # the same batch, the same event ids, until accepted
+                try:
+                    if (
+                        http.post(
+                            "/v1/events", json={"events": events[start : start + BATCH]}, headers=headers
+                        ).status_code
+                        == 202
+                    ):
+                        break
+                except httpx.HTTPError:
+                    pass
+                retries[0] += 1
+                time.sleep(0.5)
+            time.sleep(0.3)
+        done.set()
+
+    kills: list[str] = []
+
+    def kill() -> None:
+        targets = ["worker", "api"]
+        while not done.is_set() and len(kills) < KILLS:
+            time.sleep(rng.uniform(1.5, 4.0))
+            name = targets[len(kills) % 2]
+            child = ledger.system.children[name]
+            if child.poll() is None:
+                os.kill(child.pid, signal.SIGKILL)
+                kills.append(name)
+
+    sender, killer = threading.Thread(target=send), threading.Thread(target=kill)
+    sender.start()
+    killer.start()
+    sender.join(timeout=600)
+    killer.join(timeout=60)
+    assert done.is_set(), "the sender never got every batch accepted"
+    assert len(kills) >= 4, kills
+
+    query = (
+        "SELECT count(), uniqExact(event_id), sum(cost_usd) FROM spend_records "
+        f"WHERE startsWith(event_id, '{run}-')"
+    )
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            rows = ledger.sql(query)
+        except (AssertionError, httpx.HTTPError):  # the API may be restarting
+            rows = [[0, 0, "0"]]
+        if rows[0][0] >= EVENTS or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    time.sleep(3)  # anything late and doubled would land now
+    [[count, unique, total]] = ledger.sql(query)
+    print(
+        f"\ncrash test (seed {seed}): {EVENTS} events, kills {kills}, {retries[0]} batch retries, "
+        f"{count} rows, {EVENTS - unique} lost, {count - unique} doubled"
+    )
+    assert (count, unique) == (EVENTS, EVENTS)  # none lost, none doubled
+    assert Decimal(total) == expected_total
+
+    # The budget agent's own spend (its latest signal, as a gateway's guard holds it) equals ClickHouse's.
+    prefix = ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"]
+    guard = BudgetGuard({"bootstrap.servers": ledger.bootstrap}, f"{prefix}spend.budget-blocks").start()
+    try:
+        deadline = time.monotonic() + 90
+        signal_ = guard.view.get(f"team:{run}")
+        while signal_ is None or signal_.spend_usd != expected_total:
+            assert time.monotonic() < deadline, signal_
+            time.sleep(0.5)
+            signal_ = guard.view.get(f"team:{run}")
+    finally:
+        guard.stop()
+    log = (ledger.system.log_dir / "supervisor.log").read_text()
+    assert "restarted the worker" in log and "restarted the api" in log
