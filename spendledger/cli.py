@@ -127,13 +127,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     # A child that exits is restarted with backoff; each exit and restart is printed
     # and written to logs/supervisor.log.
     system.start_supervisor()
-    while not stopping:
+    while not stopping and system.failed is None:
         time.sleep(0.2)
+    if system.failed is not None:
+        _say(f"error: {system.failed}. Stopping.")
     _say("stopping…")
     (args.data_dir / RUNNING_FILE).unlink(missing_ok=True)
     system.stop()
     _say("stopped")
-    return 0
+    return 1 if system.failed is not None else 0
 
 
 def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:

@@ -48,6 +48,7 @@ class EmbeddedSystem:
     producer_key: str = field(default="", init=False)
     admin_key: str = field(default="", init=False)
     policy: RestartPolicy = field(default_factory=RestartPolicy, init=False)
+    failed: str | None = field(default=None, init=False)  # why supervision gave up
     _child_env: dict[str, dict[str, str]] = field(default_factory=dict, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -162,18 +163,25 @@ class EmbeddedSystem:
     def supervise(self) -> None:
         """Restart every child that exited, with backoff (RestartPolicy); each exit and restart is logged.
 
-        The broker is restarted too, and the topics created again; its log was in
-        memory, so what it held is gone (production runs a replicated Kafka).
+        The embedded broker is not restarted: its log is in memory, so a new one
+        would start empty while the sink's landed offsets (kept in ClickHouse)
+        point past its end, and events would be skipped. A broker exit sets
+        `failed` instead, and `up` stops with an error (production runs a
+        replicated Kafka cluster).
         """
         with self._lock:
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self.failed is not None:
                 return
             now = time.monotonic()
-            processes: dict[str, subprocess.Popen[bytes] | None] = {**self.children}
-            if self.broker is not None:
-                processes["broker"] = self.broker
-            for name, process in processes.items():
-                if process is None or process.poll() is None:
+            if self.broker is not None and self.broker.poll() is not None:
+                self.failed = (
+                    f"the embedded broker exited with code {self.broker.returncode}; its log was in memory, "
+                    f"so the system cannot go on without losing events (see {self.log_dir / 'broker.log'})"
+                )
+                self._log_event(self.failed)
+                return
+            for name, process in self.children.items():
+                if process.poll() is None:
                     continue
                 record = self.policy.children.get(name)
                 if record is None or record.restart_at is None:
@@ -186,12 +194,6 @@ class EmbeddedSystem:
                     self._restart(name)
 
     def _restart(self, name: str) -> None:
-        if name == "broker":
-            self.broker = start_tansu(self.host, self.kafka_port, self.log_dir / "broker.log")
-            self.policy.started("broker", time.monotonic())
-            ensure_topics(Settings.model_validate(_settings_from(self.child_env)))
-            self._log_event("restarted the broker; its in-memory log was lost, the topics are created again")
-            return
         self._spawn(name, self._child_env.get(name))
         self._log_event(f"restarted the {name} (pid {self.children[name].pid})")
 

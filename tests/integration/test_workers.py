@@ -85,3 +85,34 @@ def test_two_workers_share_the_partitions_and_land_every_event_once(two_workers:
         assert signal is not None and signal.spend_usd == 1200 * EVENT_COST, (signal, rejects)
     finally:
         guard.stop()
+
+
+def test_when_one_worker_is_killed_the_other_takes_over_and_totals_stay_exact(two_workers: Ledger) -> None:
+    """kill -9 one of the two workers mid-stream (no supervisor here): the survivor takes every partition."""
+    import os
+    import signal as signals
+
+    run = f"w2k_{uuid.uuid4().hex[:10]}"
+    events = [
+        {
+            "kind": "completed",
+            "request_id": f"{run}-{i}",
+            "model": "openai/gpt-4o",
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 200},
+        }
+        for i in range(2000)
+    ]
+    for start in range(0, 1000, 250):
+        assert two_workers.send({"events": events[start : start + 250]}).status_code == 202
+    victim = two_workers.system.children["worker-2"]
+    os.kill(victim.pid, signals.SIGKILL)
+    victim.wait(10)
+    for start in range(1000, 2000, 250):
+        assert two_workers.send({"events": events[start : start + 250]}).status_code == 202
+
+    query = f"SELECT count(), uniqExact(event_id), sum(cost_usd) FROM spend_records WHERE startsWith(request_id, '{run}-')"
+    rows = two_workers.wait_for(query, lambda rows: rows[0][0] >= 2000, timeout=120)
+    time.sleep(2)  # anything doubled would land now
+    [[count, unique, total]] = two_workers.sql(query)
+    assert (count, unique, Decimal(total)) == (2000, 2000, 2000 * EVENT_COST), rows
+    assert worker_events_counted(two_workers, "worker") >= 1000  # the survivor did at least the second half
