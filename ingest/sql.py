@@ -61,6 +61,22 @@ def check_read_only(sql: str) -> str:
     return stripped
 
 
+def other_database_in(sql: str, others: set[str]) -> str | None:
+    """The first of `others` the query names (`db.table`, `FROM db`, `IN db`), or None.
+
+    readonly=1 already refuses writes and table functions (file, url, remote…);
+    this keeps analysts to the ledger's own tables, away from `system` and the rest.
+    """
+    text = _without_literals(sql)
+    for db in sorted(others):
+        name = re.escape(db)
+        qualified = rf"(?<![\w.]){name}[`\"]?\s*\.|[`\"]{name}[`\"]\s*\."
+        listed = rf"\b(FROM|IN|DATABASE)\s+[`\"]?{name}[`\"]?(?![\w.])"
+        if re.search(qualified, text, re.IGNORECASE) or re.search(listed, text, re.IGNORECASE):
+            return db
+    return None
+
+
 def _without_literals(sql: str) -> str:
     return re.sub(r"'(?:[^'\\]|\\.)*'", "''", sql)
 
@@ -97,9 +113,22 @@ class ClickHouseQueryEngine:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        self._others: set[str] | None = None
+
+    def _other_databases(self) -> set[str]:
+        if self._others is None:
+            own = getattr(self._client, "database", None)
+            names = {str(row[0]) for row in self._client.query("SHOW DATABASES").result_rows}
+            self._others = names - {own} | {"system", "information_schema", "INFORMATION_SCHEMA"}
+        return self._others
 
     def query(self, sql: str, limits: QueryLimits) -> QueryResult:
         statement = check_read_only(sql)
+        other = other_database_in(statement, self._other_databases())
+        if other is not None:
+            raise InvalidQuery(
+                f"only the ledger's own tables can be read; the query names the database {other!r}"
+            )
         try:
             # Settings ride as a SETTINGS clause on this one query; they never stick to the session.
             result = self._client.query(statement, settings=limits.settings())

@@ -105,3 +105,15 @@ def test_reports_and_rollups_agree_with_spend_records(ledger: Ledger) -> None:
         f"SELECT sum(requests), sum(cost_usd) FROM spend_daily WHERE {mine}"
     )
     assert (rollup_requests, Decimal(rollup_cost)) == (60, cost)
+
+
+def test_sql_reads_only_the_ledgers_tables(ledger: Ledger) -> None:
+    admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
+    for query, words in (
+        ("SELECT name FROM system.tables", "the database 'system'"),
+        ("SELECT * FROM file('/etc/passwd', 'LineAsString')", "readonly"),
+        ("INSERT INTO spend_records (event_id) VALUES ('x')", "only read-only queries"),
+    ):
+        r = ledger.http.post("/v1/sql", json={"query": query}, headers=admin)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert ledger.sql("SELECT count() >= 0 FROM spend_daily") == [[1]]
