@@ -72,6 +72,28 @@ class RawEvent(BaseModel):
             raise ValueError(f"metadata has more than {MAX_METADATA_KEYS} keys")
         return value
 
+    @field_validator("metadata", "body", "usage", "user")
+    @classmethod
+    def _integers_fit_64_bits(cls, value: Any) -> Any:
+        if value is not None and not _fits_64_bits(value):
+            raise ValueError("integers must fit in 64 bits (from -2**63 to 2**64 - 1)")
+        return value
+
+
+def _fits_64_bits(value: Any, depth: int = 0) -> bool:
+    """Every integer inside fits in 64 bits (what Kafka messages and ClickHouse can carry)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return all(_fits_64_bits(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_fits_64_bits(v, depth + 1) for v in value)
+    return True
+
 
 class EventBatch(BaseModel):
     """`{"events": [...]}`: up to MAX_BATCH_EVENTS events in one request."""

@@ -60,3 +60,25 @@ def test_sql_table_rendering():
         "app_id | cost_usd\n-------+---------\na      | 0.1     \nbb     | NULL    \n(2 rows)"
     )
     assert render(["a"], [[1]], "csv") == "a\n1"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"metadata": {"n": [2**64]}},
+        {"usage": {"input_tokens": -(2**63) - 1}},
+        {"body": {"metadata": {"deep": {"x": 10**30}}}},
+        {"user": 2**70},
+    ],
+)
+def test_integers_beyond_64_bits_are_refused_at_the_door(field):
+    """Found by fuzzing: Kafka's JSON encoder (orjson) cannot write them, which became a 500."""
+    with pytest.raises(ValueError, match="64 bits"):
+        RawEvent.model_validate({"kind": "completed", "request_id": "r1", **field})
+
+
+def test_a_huge_integer_in_metadata_is_still_a_readable_label():
+    from ledger.tags import AttributionPolicy, normalize
+
+    result = normalize(metadata=[{"note": [2**70]}], policy=AttributionPolicy())
+    assert result.metadata["note"] == f"[{2**70}]"
