@@ -271,11 +271,11 @@ class TimedOut:
 
 def changelog_writer(table: Any, outbox: Outbox) -> ChangelogSend:
     """Writes a table's changelog through the outbox (Faust's producer costs far more per message);
-    the agent's flush at the end of its batch covers these writes too."""
+    the agent's flush at the end of its batch sends them after the batch's outputs (see Outbox)."""
     topic = table.changelog_topic_name
 
     def send(partition: int, key: bytes, value: bytes | None) -> None:
-        outbox.put(topic, key, value, partition)
+        outbox.put_state(topic, key, value, partition)
 
     return send
 

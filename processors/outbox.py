@@ -8,6 +8,15 @@ whose output is not yet in Kafka is never committed: at-least-once is kept, and 
 duplicates a replay makes are absorbed downstream (the sink by event_id, the budgets by
 event id).
 
+State (table changelogs) is written in a second phase: `put_state()` holds a message
+until every output queued before it is in Kafka. A worker killed mid-flush may leave
+any subset of a flush delivered; were a join's done-marker delivered without the record
+it stands for, the worker taking over would skip the call as a duplicate and lose it.
+In this order the worst case is the record without its marker: processed again, and
+absorbed downstream as a duplicate. The agents put a batch's outputs and state without
+awaiting in between, so when a flush finds its queue empty, every state message held so
+far has its outputs delivered.
+
 Keys are partitioned with murmur2, as Java clients, aiokafka and Faust do, so a tag's
 definitions and spend land in the same `spend.tag-spend` partition whoever wrote them.
 """
@@ -40,6 +49,7 @@ class Outbox:
         )
         self._flush_timeout_s = flush_timeout_s
         self._failed: list[Message] = []
+        self._state: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         self._lock = threading.Lock()
 
     def put(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
@@ -54,20 +64,32 @@ class Outbox:
             except BufferError:  # the local queue is full: serve delivery reports, then retry
                 self._producer.poll(0.05)
 
+    def put_state(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        """Queue a state message (a changelog write): sent by `flush()` once the outputs before it are in Kafka."""
+        self._state.append((topic, key, value, partition))
+
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             with self._lock:
                 self._failed.append(msg)
 
     async def flush(self) -> None:
-        """Return once every queued message is in Kafka; messages that failed are sent again."""
+        """Return once every queued message is in Kafka, outputs first, then state; failures are sent again."""
         delay = 0.2
         while True:
             remaining = await self._drain(self._flush_timeout_s)
             with self._lock:
                 failed, self._failed = self._failed, []
             if remaining == 0 and not failed:
-                return
+                if not self._state:
+                    return
+                # Everything put so far is delivered: now the state that follows it.
+                state, self._state = self._state, []
+                for topic, key, value, partition in state:
+                    self.put(topic, key, value, partition)
+                continue
             log.warning(
                 "outbox: messages not yet delivered; retrying",
                 extra={"queued": remaining, "failed": len(failed), "retry_in_s": delay},

@@ -82,3 +82,42 @@ def test_outbox_flush_sends_failed_messages_again_until_delivered():
     outbox.put("spend.tag-spend", b"k", b"v", partition=0)
     asyncio.run(outbox.flush())
     assert sorted(producer.produced) == [("spend.attributed", 2), ("spend.tag-spend", 0)]
+
+
+class OrderedProducer:
+    """Records what was handed to librdkafka, and in which flush; every delivery succeeds."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, Any]] = []
+        self.flushes: list[list[str]] = []
+
+    def produce(self, topic: str, *, value: Any, key: Any, partition: int, on_delivery: Any) -> None:
+        self.queued.append((topic, on_delivery))
+
+    def flush(self, _timeout: float) -> int:
+        if self.queued:
+            self.flushes.append([topic for topic, _ in self.queued])
+            for topic, on_delivery in self.queued:
+                on_delivery(None, Report(topic, 0))
+            self.queued = []
+        return 0
+
+
+def test_state_is_sent_only_after_the_outputs_put_before_it_are_delivered():
+    """A done-marker delivered without its record would make the next owner skip the call: lost."""
+    outbox = Outbox({"bootstrap.servers": "127.0.0.1:1"})
+    producer = OrderedProducer()
+    outbox._producer = producer  # type: ignore[assignment]
+    outbox.put_state("pending-calls-changelog", b"r1", b"done", partition=0)
+    outbox.put("spend.attributed", b"r1", b"record", partition=0)
+    outbox.put_state("budget-state-changelog", b"team:a", b"spent", partition=1)
+    outbox.put("spend.tag-spend", b"team:a", b"spend", partition=1)
+    assert producer.queued == [
+        ("spend.attributed", producer.queued[0][1]),
+        ("spend.tag-spend", producer.queued[1][1]),
+    ]
+    asyncio.run(outbox.flush())
+    assert producer.flushes == [
+        ["spend.attributed", "spend.tag-spend"],
+        ["pending-calls-changelog", "budget-state-changelog"],
+    ]
