@@ -158,6 +158,15 @@ class EmbeddedSystem:
                 raise StartupError(f"not ready within {self.startup_timeout_s:.0f} s: {', '.join(pending)}")
             time.sleep(0.2)
 
+    def exited_child(self) -> str | None:
+        """The name of a child that has exited, if any (for callers that do not supervise)."""
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                return name
+        if self.broker is not None and self.broker.poll() is not None:
+            return "broker"
+        return None
+
     # ------------------------------------------------------------ supervision
 
     def supervise(self) -> None:
