@@ -124,15 +124,15 @@ class EmbeddedSystem:
     def _spawn(self, name: str, env: dict[str, str] | None = None) -> None:
         self._child_env[name] = env or {}
         self.policy.started(name, time.monotonic())
-        log = (self.log_dir / f"{name}.log").open("ab")
         command = "worker" if name.startswith("worker") else name
-        self.children[name] = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            [sys.executable, "-m", "spendledger", command],
-            env={**self.child_env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.log_dir / f"{name}.log").open("ab") as log:  # the child keeps its own descriptor
+            self.children[name] = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+                [sys.executable, "-m", "spendledger", command],
+                env={**self.child_env, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
