@@ -313,27 +313,25 @@ def create_router(
         """For each required dimension: the share of requests and cost that carries it, and the untagged bucket."""
         span = checked(lambda: date_range(start_date, end_date, now=clock()))
         columns = checked(lambda: coverage_columns((dimensions or ",".join(coverage_dimensions)).split(",")))
-        parameters = range_parameters(span, app_id=app_id)
-        totals, rows = await asyncio.gather(
-            query(grouped_sql([], app_id, max_groups), parameters),
-            query(coverage_sql(columns, app_id), parameters),
-        )
-        sums = Sums.of(totals[0])
+        rows = await query(coverage_sql(columns, app_id), range_parameters(span, app_id=app_id))
         per_dimension: dict[str, list[tuple[str, int, Decimal]]] = {d: [] for d, _ in columns}
         for row in rows:
             per_dimension[row["dimension"]].append(
                 (str(row["value"]), int(row["requests"]), Decimal(row["cost"]))
             )
+        # Every record counts once in each dimension, so any one of them adds up to the
+        # grand total; coverage_dimension checks that all the others reconcile to it.
+        first = per_dimension[columns[0][0]]
+        requests = sum(n for _, n, _ in first)
+        cost = sum((c for _, _, c in first), Decimal(0))
         reports = [
-            coverage_dimension(
-                d, per_dimension[d], sums.requests, sums.cost_usd, alert_below_pct=coverage_alert_pct
-            )
+            coverage_dimension(d, per_dimension[d], requests, cost, alert_below_pct=coverage_alert_pct)
             for d, _ in columns
         ]
         return ExactJSONResponse(
             header(span, app_id=app_id, alert_below_pct=coverage_alert_pct)
             | {
-                "total": {"requests": sums.requests, "cost": sums.cost_usd},
+                "total": {"requests": requests, "cost": cost},
                 "alert": any(r["alert"] for r in reports),
                 "dimensions": reports,
             }

@@ -8,7 +8,7 @@ an unpriced call adds to `requests` and `unpriced_requests`, never to cost.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -198,18 +198,7 @@ class Sums:
         )
 
     def __add__(self, other: Sums) -> Sums:
-        return Sums(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
-
-    def astuple(self) -> tuple[Any, ...]:
-        return (
-            self.requests,
-            self.cost_usd,
-            self.tokens,
-            self.latency_ms_sum,
-            self.latency_count,
-            self.successes,
-            self.unpriced,
-        )
+        return Sums(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def avg_response_time_ms(self) -> Decimal | None:

@@ -147,7 +147,7 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     columns: list[str]
     rows: list[list[Any]]
     if args.api_url or settings.api_url or settings.is_embedded_clickhouse and _reachable(api_url):
-        key = (settings.admin_key_list() or [_dev_admin_key(args.data_dir)])[0]
+        key = (settings.admin_key_list() or [_dev_key(args.data_dir, "admin")])[0]
         response = httpx.post(
             f"{api_url}/v1/sql",
             json={"query": args.query},
@@ -270,10 +270,6 @@ def _reachable(api_url: str) -> bool:
         return httpx.get(f"{api_url}/healthz", timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _dev_admin_key(data_dir: Path) -> str:
-    return _dev_key(data_dir, "admin")
 
 
 def _dev_key(data_dir: Path, kind: str) -> str:

@@ -263,6 +263,8 @@ class _ResponseReader:
     def _sse_data(self, data: bytes) -> None:
         if not data.startswith(b"{"):
             return  # "[DONE]"
+        if self.model is not None and b'"usage"' not in data:
+            return  # a content chunk: nothing left to learn from it, skip the parse
         event = json.loads(data)
         if not isinstance(event, dict):
             return

@@ -11,6 +11,7 @@ The cases tried are counted and printed (docs/reliability.md reports them).
 
 from collections import Counter
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -35,9 +36,7 @@ EXAMPLES_PER_OPERATION = 100
 
 
 class ZeroSpend:
-    def spend(self, tag: str, start: datetime, end: datetime) -> Any:
-        from decimal import Decimal
-
+    def spend(self, tag: str, start: datetime, end: datetime) -> Decimal:
         return Decimal(0)
 
     def app_name(self, app_id: str) -> str:
