@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ledger import Attributor, JoinedCall, LedgerError, PendingCall, PriceBook, on_event, on_tick
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
-from processors import metrics
+from processors import metrics, rebalance
 from processors.budgets import BudgetStore, block_signal, compact, outcome_messages
 from processors.deadletter import dead_letter, describe
 from processors.outbox import Outbox
@@ -111,6 +111,7 @@ def shorten_fetch_wait(max_wait_ms: int) -> None:
 def create_app(settings: Settings) -> faust.App:
     topics = settings.topics
     shorten_fetch_wait(settings.worker_fetch_wait_ms)
+    rebalance.install()
     optional: dict[str, Any] = {}
     if settings.worker_data_dir is not None:
         optional["datadir"] = str(settings.worker_data_dir)

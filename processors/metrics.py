@@ -10,6 +10,14 @@ INVALID_TAGS = Counter("spendledger_worker_invalid_tags", "Invalid attribution i
 DEAD_LETTERS = Counter("spendledger_dead_letters", "Messages sent to the dead-letter topic", ["stage"])
 PENDING_CALLS = Gauge("spendledger_worker_pending_calls", "Calls waiting for their partner event")
 BATCH_SECONDS = Histogram("spendledger_worker_batch_seconds", "Time to process one batch", ["agent"])
+STALE_FETCHES = Counter(
+    "spendledger_worker_stale_fetches",
+    "Partitions whose records, fetched before a seek, were dropped and fetched again",
+)
+SKIPPED_UNACKED = Counter(
+    "spendledger_worker_skipped_unacked",
+    "Messages skipped by a stream mid-rebalance, left uncommitted to be read again",
+)
 BUDGET_ENTRIES = Counter("spendledger_budget_entries", "Spend entries counted by the budget agent")
 BUDGET_DUPLICATES = Counter("spendledger_budget_duplicates", "Spend entries ignored as already counted")
 BUDGET_SIGNALS = Counter("spendledger_budget_signals", "Block-state messages sent", ["change"])
