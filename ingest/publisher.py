@@ -6,11 +6,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 
 from spendledger.errors import BrokerUnavailable
+from spendledger.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class KafkaPublisher:
     def __init__(self, config: dict[str, Any], *, timeout_s: float) -> None:
         self._timeout_s = timeout_s
         self._config = config
-        self._producer = Producer(
+        self._kafka = RenewableProducer(
             {
                 **config,
                 "enable.idempotence": True,
@@ -70,17 +72,23 @@ class KafkaPublisher:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            self._kafka.producer.poll(0.05)
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        batch = _Batch(len(messages), lambda err: loop.call_soon_threadsafe(_settle, done, err))
+        batch = _Batch(
+            len(messages),
+            lambda err: loop.call_soon_threadsafe(_settle, done, err),
+            partial(self._kafka.note, renewals=self._kafka.renewals),
+        )
+        producer = self._kafka.producer
         try:
             for key, value in messages:
-                self._producer.produce(topic, value=value, key=key, on_delivery=batch.on_delivery)
+                producer.produce(topic, value=value, key=key, on_delivery=batch.on_delivery)
         except (BufferError, KafkaException) as exc:
             batch.abandon()
+            self._kafka.renew_if_failed()
             raise BrokerUnavailable(f"could not queue events for Kafka: {exc}") from exc
         if not messages:
             return
@@ -88,11 +96,14 @@ class KafkaPublisher:
             await asyncio.wait_for(done, timeout=self._timeout_s + 2)
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka did not acknowledge in time") from exc
+        except BrokerUnavailable:
+            self._kafka.renew_if_failed()  # the client sends again, through a working producer
+            raise
 
     async def ready(self) -> bool:
         def probe() -> bool:
             try:
-                self._producer.list_topics(timeout=2.0)
+                self._kafka.producer.list_topics(timeout=2.0)
                 return True
             except KafkaException:
                 return False
@@ -100,7 +111,7 @@ class KafkaPublisher:
         return await asyncio.to_thread(probe)
 
     def close(self) -> None:
-        self._producer.flush(self._timeout_s)
+        self._kafka.producer.flush(self._timeout_s)
         self._stop.set()
         self._poller.join(timeout=2)
 
@@ -109,13 +120,16 @@ class _Batch:
     """Counts one request's delivery reports; wakes the request once, on its last report or its first
     error (one cross-thread wake-up per request, not per event)."""
 
-    def __init__(self, size: int, settle: Any) -> None:
+    def __init__(self, size: int, settle: Any, note: Any) -> None:
         self._pending = size
         self._settle = settle
+        self._note = note
         self._lock = threading.Lock()
         self._settled = False
 
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            self._note(err)
         with self._lock:
             if self._settled:
                 return

@@ -27,16 +27,21 @@ import asyncio
 import logging
 import threading
 import time
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+
+from spendledger.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
 
 
 class Outbox:
-    def __init__(self, config: dict[str, Any], *, flush_timeout_s: float = 30.0) -> None:
-        self._producer = Producer(
+    def __init__(
+        self, config: dict[str, Any], *, flush_timeout_s: float = 30.0, factory: Any = Producer
+    ) -> None:
+        self._kafka = RenewableProducer(
             {
                 **config,
                 "enable.idempotence": True,
@@ -45,24 +50,26 @@ class Outbox:
                 "batch.num.messages": 10_000,
                 "partitioner": "murmur2_random",
                 "logger": logging.getLogger("confluent_kafka.outbox"),
-            }
+            },
+            factory,
         )
         self._flush_timeout_s = flush_timeout_s
         self._failed: list[Message] = []
         self._state: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         self._lock = threading.Lock()
+        self._callback = partial(self._on_delivery, 0)
 
     def put(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         """Queue one message (does not wait). `partition=None` partitions by key."""
         target = -1 if partition is None else partition  # -1: librdkafka's "unassigned", partitioned by key
         while True:
             try:
-                self._producer.produce(
-                    topic, value=value, key=key, partition=target, on_delivery=self._on_delivery
+                self._kafka.producer.produce(
+                    topic, value=value, key=key, partition=target, on_delivery=self._callback
                 )
                 break
             except BufferError:  # the local queue is full: serve delivery reports, then retry
-                self._producer.poll(0.05)
+                self._kafka.producer.poll(0.05)
 
     def put_state(
         self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
@@ -70,8 +77,9 @@ class Outbox:
         """Queue a state message (a changelog write): sent by `flush()` once the outputs before it are in Kafka."""
         self._state.append((topic, key, value, partition))
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, renewals: int, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
+            self._kafka.note(err, renewals)
             with self._lock:
                 self._failed.append(msg)
 
@@ -80,6 +88,9 @@ class Outbox:
         delay = 0.2
         while True:
             remaining = await self._drain(self._flush_timeout_s)
+            if self._kafka.renew_if_failed():  # what the old producer held is now in `_failed`
+                self._callback = partial(self._on_delivery, self._kafka.renewals)
+                remaining = 0
             with self._lock:
                 failed, self._failed = self._failed, []
             if remaining == 0 and not failed:
@@ -104,10 +115,11 @@ class Outbox:
         so the event loop keeps serving Faust's consumer meanwhile (no executor thread)."""
         deadline = time.monotonic() + timeout_s
         pause = 0.0005
-        while (remaining := self._producer.flush(0)) and time.monotonic() < deadline:
+        producer = self._kafka.producer
+        while (remaining := producer.flush(0)) and time.monotonic() < deadline and not self._kafka.failed:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.01)
         return remaining
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.flush(timeout_s)
+        self._kafka.producer.flush(timeout_s)

@@ -1,17 +1,87 @@
-"""Kafka administration: the embedded Tansu broker and topic creation."""
+"""Kafka administration: the embedded Tansu broker, topic creation, and a producer that survives being fenced."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from spendledger.errors import BrokerUnavailable, StartupError
 from spendledger.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Delivery errors after which an idempotent producer's sends keep failing (librdkafka does not
+# always flag them fatal: a fenced producer's reports say PRODUCER_FENCED, not fatal).
+_PRODUCER_DEAD = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    }
+)
+
+
+class RenewableProducer:
+    """A confluent-kafka producer that is replaced by a new one after a fatal error.
+
+    An idempotent producer whose requests time out (a broker frozen or cut off) bumps its
+    epoch when the broker is back. A broker may refuse that (Tansu answers "fenced"), and
+    the producer is then failed for good: every later send fails. `renew_if_failed()`
+    swaps in a new producer (a new producer id) and fails what the old one still held, so
+    its callers learn at once and send again. Anything sent again may duplicate a message
+    the old producer had delivered; the ledger absorbs that by event id.
+    """
+
+    def __init__(self, config: dict[str, Any], factory: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        self._config = {**config, "error_cb": self._on_error}
+        self._factory = factory
+        self._fatal: KafkaError | None = None
+        self._lock = threading.Lock()
+        self.producer = factory(self._config)
+        self.renewals = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if not self.note(err):
+            log.debug("kafka client error", extra={"error": err.str()})
+
+    def note(self, err: KafkaError, renewals: int | None = None) -> bool:
+        """Remember an error (a delivery report's or the client's) that leaves the producer failed.
+        `renewals`: the count when the message was sent; a report from a producer since replaced is ignored."""
+        if renewals is not None and renewals != self.renewals:
+            return False
+        if err.fatal() or err.code() in _PRODUCER_DEAD:
+            if self._fatal is None:
+                log.warning("kafka producer failed for good; it will be replaced", extra={"error": err.str()})
+            self._fatal = err
+            return True
+        return False
+
+    @property
+    def failed(self) -> bool:
+        return self._fatal is not None
+
+    def renew_if_failed(self) -> bool:
+        """Replace the producer if it hit a fatal error; True if it did."""
+        with self._lock:
+            if self._fatal is None:
+                return False
+            old, self.producer = self.producer, self._factory(self._config)
+            self._fatal = None
+            self.renewals += 1
+        old.purge()  # what the old producer held fails now (its delivery reports come with the poll)
+        old.poll(0)
+        log.warning("kafka producer replaced after a fatal error", extra={"renewals": self.renewals})
+        return True
 
 
 def tansu_binary() -> str:
