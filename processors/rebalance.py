@@ -42,6 +42,7 @@ from processors import metrics
 
 log = logging.getLogger(__name__)
 
+PATCHED_VERSION = "0.15.3"
 Consumer = faust_consumer.Consumer
 ThreadDelegateConsumer = faust_consumer.ThreadDelegateConsumer
 
@@ -76,6 +77,12 @@ def install() -> None:
     """Patch faust's consumer classes (idempotent)."""
     if getattr(Consumer, "_spendledger_patched", False):
         return
+    import faust
+
+    if faust.__version__ != PATCHED_VERSION:
+        raise RuntimeError(
+            f"processors/rebalance.py was written for faust-streaming {PATCHED_VERSION}, found {faust.__version__}"
+        )
     for owner, name in (
         (Consumer, "_drain_messages"),
         (Consumer, "seek"),
