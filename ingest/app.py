@@ -35,7 +35,7 @@ from ingest.errors import (
     error_body,
     status_for,
 )
-from ingest.events import sanitize
+from ingest.events import attribution_warnings, sanitize
 from ingest.publisher import EventPublisher
 from ingest.sql import QueryEngine, QueryLimits
 from ledger.errors import UsageError
@@ -49,9 +49,26 @@ log = logging.getLogger(__name__)
 Scope = Literal["producer", "admin"]
 
 
+class AttributionProblem(BaseModel):
+    reason: str
+    input: str = Field(description="the tag or key concerned (cut at 80 characters)")
+    message: str
+
+
+class EventWarning(BaseModel):
+    index: int = Field(description="position of the event in the request")
+    event_id: str
+    problems: list[AttributionProblem]
+
+
 class AcceptedResponse(BaseModel):
     accepted: int
     event_ids: list[str]
+    warnings: list[EventWarning] = Field(
+        default_factory=list,
+        description="attribution the ledger will not record (tags over a limit, bad keys, ...); the spend "
+        "itself is counted",
+    )
 
 
 class SqlRequest(BaseModel):
@@ -97,6 +114,7 @@ class Services:
 
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
+    policy = settings.attribution_policy()
     producer_keys = settings.producer_key_list()
     admin_keys = settings.admin_key_list()
     limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
@@ -201,7 +219,13 @@ def create_app(services: Services) -> FastAPI:
         metrics.publish_seconds.observe(time.perf_counter() - started)
         for p in published:
             metrics.events_accepted.labels(p["kind"]).inc()
-        return AcceptedResponse(accepted=len(published), event_ids=[p["event_id"] for p in published])
+        return AcceptedResponse.model_validate(
+            {
+                "accepted": len(published),
+                "event_ids": [p["event_id"] for p in published],
+                "warnings": attribution_warnings(published, policy),
+            }
+        )
 
     @app.post("/v1/sql", response_model=SqlResponse)
     async def post_sql(body: SqlRequest, _: Annotated[Scope, Depends(require_admin)]) -> SqlResponse:
@@ -310,9 +334,7 @@ def _parse_events(body: bytes) -> list[RawEvent]:
             )
     except ValidationError as exc:
         details = [_error_detail(e) for e in exc.errors()]
-        raise InvalidEvent(
-            f"{len(details)} problem(s) in the events; nothing was published", details
-        ) from exc
+        raise InvalidEvent(_problems_message(details), details) from exc
     problems = []
     for index, event in enumerate(events):
         if event.kind == "usage" and event.usage is None:
@@ -322,13 +344,24 @@ def _parse_events(body: bytes) -> list[RawEvent]:
         except UsageError as exc:
             problems.append({"loc": ["events", index, "usage"], "msg": str(exc)})
     if problems:
-        raise InvalidEvent(f"{len(problems)} problem(s) in the events; nothing was published", problems)
+        raise InvalidEvent(_problems_message(problems), problems)
     return events
+
+
+def _problems_message(details: list[dict[str, Any]]) -> str:
+    """The first problem in words, e.g. `events[3].headers: at most 100 headers; nothing was published`."""
+    first = details[0]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    more = (
+        f" (and {len(details) - 1} more problem{'s' if len(details) > 2 else ''})" if len(details) > 1 else ""
+    )
+    return f"{where or 'event'}: {first['msg']}{more}; nothing was published"
 
 
 def _error_detail(error: Any) -> dict[str, Any]:
     # Never echo the input back: it may hold a credential the producer sent by mistake.
-    return {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+    message = str(error.get("msg", "")).removeprefix("Value error, ")
+    return {"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type", "")}
 
 
 def _register_models(app: FastAPI, models: list[type[BaseModel]]) -> None:

@@ -6,8 +6,9 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
+from ledger.attribute import attribution_of
 from ledger.redact import REDACTED, is_secret_key, looks_like_secret, redact_value
-from ledger.tags import ATTRIBUTION_HEADER_PREFIXES
+from ledger.tags import ATTRIBUTION_HEADER_PREFIXES, AttributionPolicy, explain
 from schemas.events import RawEvent
 
 # Of the original request body only these keys are kept; `messages`, `input`,
@@ -53,3 +54,16 @@ def sanitize(event: RawEvent, *, received_at: datetime) -> dict[str, Any]:
         }
     )
     return cleaned.model_dump(mode="json", exclude_none=True)
+
+
+def attribution_warnings(published: list[dict[str, Any]], policy: AttributionPolicy) -> list[dict[str, Any]]:
+    """What the ledger will not record of each accepted event's attribution (a tag over a limit, a bad
+    key, ...), found by the worker's own rules. The spend is counted regardless; only the tag is dropped.
+    Computed on the sanitized events, so no credential is echoed back."""
+    warnings = []
+    for index, event in enumerate(published):
+        invalid = attribution_of([event], policy).invalid
+        if invalid:
+            problems = [explain(entry, policy) for entry in invalid]
+            warnings.append({"index": index, "event_id": event["event_id"], "problems": problems})
+    return warnings

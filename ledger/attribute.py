@@ -11,7 +11,7 @@ from typing import Any
 from ledger.errors import JoinError
 from ledger.join import JoinedCall, RawEventDict
 from ledger.pricing import Price, PriceBook, split_model_ref
-from ledger.tags import AttributionPolicy, normalize
+from ledger.tags import Attribution, AttributionPolicy, normalize
 from ledger.usage import TokenUsage, parse_usage
 from schemas.records import AttributedRecord
 
@@ -34,16 +34,7 @@ class Attributor:
         if not event_id:
             raise JoinError("event has no event_id")
 
-        headers: dict[str, str] = {}
-        for event in events:
-            for name, value in (event.get("headers") or {}).items():
-                headers.setdefault(name, value)
-        attribution = normalize(
-            headers=headers,
-            metadata=[m for e in events for m in _metadata_sources(e)],
-            users=[u for e in events for u in (e.get("user"), _body(e).get("user"))],
-            policy=self.policy,
-        )
+        attribution = attribution_of(events, self.policy)
 
         occurred_at = _first_time(e.get("occurred_at") for e in events)
         received_at = min(
@@ -96,6 +87,21 @@ class Attributor:
             latency_ms=round(latency) if latency is not None else None,
             join_kind=call.join_kind,
         )
+
+
+def attribution_of(events: list[RawEventDict], policy: AttributionPolicy) -> Attribution:
+    """The attribution of a call from its events (a request and its usage, or one completed event):
+    headers (the first event's value wins), metadata objects and users of all of them."""
+    headers: dict[str, str] = {}
+    for event in events:
+        for name, value in (event.get("headers") or {}).items():
+            headers.setdefault(name, value)
+    return normalize(
+        headers=headers,
+        metadata=[m for e in events for m in _metadata_sources(e)],
+        users=[u for e in events for u in (e.get("user"), _body(e).get("user"))],
+        policy=policy,
+    )
 
 
 def _body(event: RawEventDict) -> dict[str, Any]:

@@ -175,7 +175,8 @@ class _Builder:
     def _clean_value(self, dim_or_key: str, value: Any) -> str | None:
         """Validate a tag value; returns None (and records why) when invalid."""
         text = _stringify(value).strip()
-        if looks_like_secret(text) or is_secret_key(dim_or_key):
+        if text == REDACTED or looks_like_secret(text) or is_secret_key(dim_or_key):
+            # (REDACTED: ingest already replaced a credential; the marker is no tag value either)
             self.invalid("secret_redacted", f"{dim_or_key}:{REDACTED}")
             return None
         if not text:
@@ -354,6 +355,36 @@ def normalize(
         if user is not None:
             b.user(user)
     return b.out
+
+
+def explain(entry: str, policy: AttributionPolicy) -> dict[str, str]:
+    """An `Attribution.invalid` entry ("reason|input") as reason, input and a sentence for a person."""
+    reason, _, raw = entry.partition("|")
+    shown = raw if len(raw) <= 80 else raw[:79] + "…"
+    template = _EXPLAINED.get(reason, "not recorded ({reason})")
+    return {"reason": reason, "input": shown, "message": template.format(reason=reason, p=policy)}
+
+
+_EXPLAINED = {
+    "too_many_tags": "more than {p.max_tags} tags and dimensions on one call: this tag was not recorded",
+    "too_long": "tag values are at most {p.max_value_chars} characters: this tag was not recorded",
+    "bad_characters": "tag values are printable, without commas, quotes or backslashes: this tag was not recorded",
+    "empty_value": "the tag has an empty value: it was not recorded",
+    "bad_key": "keys are at most {p.max_key_chars} characters of a-z, 0-9, '_', '.', '-', starting with a letter "
+    "or digit: not recorded",
+    "too_many_metadata_keys": "more than {p.max_metadata_keys} metadata keys on one call: this key was not recorded",
+    "metadata_truncated": "metadata values are at most {p.max_metadata_value_chars} characters: this one was cut "
+    "there",
+    "secret_redacted": "the value looks like a credential: it was not recorded",
+    "conflict": "a second, different value for a dimension that already has one: the first one was kept",
+    "bad_user_id": "user ids are at most {p.max_user_id_chars} characters of A-Z, a-z, 0-9, '.', '_', ':', '-': "
+    "not recorded",
+    "not_a_string": "tags are strings: this one was not recorded",
+    "not_a_scalar": "a dimension takes a string or a number: not recorded",
+    "not_an_object": "spend_logs_metadata must be an object: not recorded",
+    "not_a_list": "metadata.tags must be a list of strings: not recorded",
+    "bad_json": "x-litellm-spend-logs-metadata is not a JSON object: not recorded",
+}
 
 
 def _prefixed(headers: Mapping[str, str], prefix: str) -> Iterator[tuple[str, str]]:

@@ -69,7 +69,11 @@ EVENT = {
 async def test_single_event_accepted_and_sanitized(client, publisher):
     r = await client.post("/v1/events", json=EVENT, headers=PRODUCER)
     assert r.status_code == 202
-    assert r.json() == {"accepted": 1, "event_ids": [default_event_id("completed", "req_123")]}
+    assert r.json() == {
+        "accepted": 1,
+        "event_ids": [default_event_id("completed", "req_123")],
+        "warnings": [],
+    }
     ((topic, key, value),) = publisher.sent
     assert topic == "t.spend.raw" and key == b"req_123"
     sent = orjson.loads(value)
