@@ -47,7 +47,12 @@ class FakeConsumer:
         self.delivered: list[int] = []
         self.gaps: list[tuple[int, int]] = []
         self.reseeks: list[int] = []
-        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+        self.app = SimpleNamespace(
+            topics=SimpleNamespace(acks_enabled_for=lambda topic: True),
+            flow_control=SimpleNamespace(is_active=lambda: self.flow_active),
+        )
+        self.flow_active = True
+        self.raced = 0
         self.diag = SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
         self.suspend_flow = asyncio.Event()
         self.log = SimpleNamespace(dev=lambda *a: None, info=lambda *a: None, exception=lambda *a: None)
@@ -71,6 +76,7 @@ class FakeConsumer:
             self.the_seek()
 
     async def wait_first(self, *coros: Any) -> None:
+        self.raced += 1
         for other in coros[1:]:
             other.close()  # the suspend-flow wait: never set here
         await coros[0]
@@ -116,6 +122,15 @@ def test_without_a_seek_every_record_is_delivered_in_order() -> None:
     drain(consumer)
     assert consumer.delivered == [7, 8, 9] and consumer._read_offset[TP] == 9
     assert consumer.reseeks == [] and consumer.gaps == []
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_a_delivery_races_the_flow_being_suspended_only_when_it_is(active: bool) -> None:
+    consumer = FakeConsumer([1, 2, 3], seek_at=-1, target=0)
+    consumer.flow_active = active
+    drain(consumer)
+    assert consumer.delivered == [1, 2, 3]
+    assert consumer.raced == (0 if active else 3)
 
 
 def test_a_seek_with_no_committed_offset_seeks_the_partition_to_its_beginning() -> None:
