@@ -62,6 +62,7 @@ def time_to_block_at(rate: int, seconds: int, workers: int) -> dict[str, float]:
         try:
             if not guard.wait_ready(30):
                 raise RuntimeError("the guard did not catch up with spend.budget-blocks")
+            time_to_block.wait_until_live(system, guard)
             result = time_to_block.run_rate(system, guard, rate, seconds, budgets=100, crossing=5)
         finally:
             guard.stop()

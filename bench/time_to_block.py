@@ -135,6 +135,29 @@ def run_rate(
     }
 
 
+def wait_until_live(system: EmbeddedSystem, guard: BudgetGuard, timeout_s: float = 180) -> None:
+    """Block one probe tag end to end first: the worker answers its health check before it has
+    joined its consumer group, and events sent meanwhile would wait for the join (steady state,
+    not start-up, is what is measured)."""
+    started = time.perf_counter()
+    http = httpx.Client(base_url=system.api_url, timeout=30)
+    tag = f"team:probe-{uuid.uuid4().hex[:6]}"
+    admin = {"Authorization": f"Bearer {system.admin_key}"}
+    producer = {"Authorization": f"Bearer {system.producer_key}"}
+    http.post(
+        "/tag/new", json={"name": tag, "max_budget": "0.001", "budget_duration": "1d"}, headers=admin
+    ).raise_for_status()
+    probe = {**event("probe", 0, tag.removeprefix("team:")), "request_id": f"probe-{uuid.uuid4().hex[:8]}"}
+    http.post("/v1/events", json=probe, headers=producer).raise_for_status()
+    while guard.check([tag]).allowed:
+        if time.perf_counter() - started > timeout_s:
+            raise SystemExit(f"the pipeline did not block a probe tag within {timeout_s:.0f} s")
+        time.sleep(0.05)
+    print(
+        f"pipeline live: a probe tag blocked {time.perf_counter() - started:.1f} s after start-up", flush=True
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", default="200,2000")
@@ -156,6 +179,7 @@ def main() -> None:
         ).start()
         if not guard.wait_ready(30):
             raise SystemExit("the guard did not catch up with spend.budget-blocks")
+        wait_until_live(system, guard)
         for rate in [int(r) for r in args.rates.split(",")]:
             results.append(run_rate(system, guard, rate, args.seconds, args.budgets, args.crossing))
         guard.stop()

@@ -53,7 +53,7 @@ class CompactedView(Generic[T]):
             "group.id": f"view-{topic}",  # required by librdkafka; nothing is ever committed
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": 50,
+            "fetch.wait.max.ms": 10,  # a block is news: the broker may hold a fetch this long
             "logger": logging.getLogger("confluent_kafka.view"),
         }
         self._check_interval_s = check_interval_s
