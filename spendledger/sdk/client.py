@@ -46,6 +46,7 @@ log = logging.getLogger("spendledger.sdk")
 
 MAX_BATCH_EVENTS = 1000  # the API's limit per request
 DROP_LOG_INTERVAL_S = 30.0
+MAX_WARNINGS_SHOWN = 100  # distinct attribution problems logged per client
 
 
 class EventSink(Protocol):
@@ -152,6 +153,7 @@ class SpendClient:
         self._lock = threading.Condition()
         self._outstanding = 0
         self._counts = {"sent": 0, "retried": 0, "rejected": 0, "dropped": 0}
+        self._warned: set[tuple[Any, Any]] = set()
         self._flush_now = threading.Event()
         self._closing = threading.Event()
         self._closed = False
@@ -294,6 +296,7 @@ class SpendClient:
                 status = response.status_code
                 if 200 <= status < 300:
                     self._finish("sent", len(batch))
+                    self._show_warnings(response)
                     return
                 if status in (400, 413, 422) and len(batch) > 1:
                     half = len(batch) // 2
@@ -321,6 +324,20 @@ class SpendClient:
                 self._counts["retried"] += len(batch)
             log.debug("spendledger: retrying %d event(s) in %.1fs (%s)", len(batch), delay, reason)
             self._closing.wait(delay)  # wakes early when closing
+
+    def _show_warnings(self, response: httpx.Response) -> None:
+        """Log each attribution problem the ledger reported (a tag it will not record, ...) once."""
+        try:
+            warnings = response.json().get("warnings") or []
+        except (ValueError, AttributeError):
+            return
+        for warning in warnings:
+            for problem in warning.get("problems", []):
+                seen = (problem.get("reason"), problem.get("input"))
+                if seen in self._warned or len(self._warned) >= MAX_WARNINGS_SHOWN:
+                    continue
+                self._warned.add(seen)
+                log.warning("spendledger: %s: %s", problem.get("input"), problem.get("message"))
 
     def _finish(self, outcome: str, n: int) -> None:
         with self._lock:

@@ -190,6 +190,14 @@ def test_a_bad_metadata_key_is_named(key: str, value: str) -> None:
     assert [p["reason"] for p in problems] == ["bad_key"] or key == "Team Name"  # spaces read as '_': valid
 
 
+def test_warnings_can_be_turned_off_for_high_volume_producers() -> None:
+    body = event(metadata={"tags": ["team:" + "v" * 500]})
+    PUBLISHER.sent.clear()
+    r = CLIENT.post("/v1/events?warnings=false", json=body, headers={"Authorization": "Bearer prod-key"})
+    assert r.status_code == 202 and r.json()["warnings"] == [] and len(PUBLISHER.sent) == 1
+    assert accepted_with_warnings(body) != []  # on by default
+
+
 def test_a_credential_in_a_tag_is_never_echoed_back() -> None:
     secret = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
     r = post(event(metadata={"tags": [f"team:{secret}"]}))

@@ -164,3 +164,24 @@ async def test_async_client_emits_without_blocking_and_flushes_awaitably():
         assert await spend.flush(10)
         assert spend.stats.sent == 1
     assert ingest.batches[0][0]["metadata"] == {"tenant_id": "t1"}
+
+
+def test_attribution_warnings_from_the_ledger_are_logged_once_each(caplog):
+    problem = {
+        "reason": "too_long",
+        "input": "team:xxxx…",
+        "message": "tag values are at most 128 characters",
+    }
+
+    def warn(events: list[dict]) -> httpx.Response:
+        warnings = [{"index": 0, "event_id": "e", "problems": [problem]}]
+        return httpx.Response(202, json={"accepted": len(events), "warnings": warnings})
+
+    ingest = Ingest(*[warn] * 3)
+    spend = client(ingest, batch_size=1)
+    for n in range(3):
+        spend.emit(event(n))
+        assert spend.flush(10)
+    spend.close()
+    assert spend.stats.sent == 3
+    assert caplog.text.count("team:xxxx…: tag values are at most 128 characters") == 1
