@@ -62,8 +62,12 @@ def _mark_sought(consumer: Any, partitions: Any) -> None:
 
 
 async def _reseek(consumer: Any, partitions: set[TP]) -> None:
-    """Seek again to where the last seek put each partition (its read offset)."""
+    """Seek again to where the last seek put each partition (its read offset). A partition no longer
+    assigned is left alone (seeking it would raise): its next owner starts from the committed offset."""
+    assigned = consumer.assignment()
     for tp in partitions:
+        if tp not in assigned:
+            continue
         target = consumer._read_offset.get(tp)
         metrics.STALE_FETCHES.inc()
         log.info(

@@ -53,6 +53,7 @@ class FakeConsumer:
         )
         self.flow_active = True
         self.raced = 0
+        self.assigned = {TP}
         self.diag = SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
         self.suspend_flow = asyncio.Event()
         self.log = SimpleNamespace(dev=lambda *a: None, info=lambda *a: None, exception=lambda *a: None)
@@ -95,6 +96,9 @@ class FakeConsumer:
     async def commit(self) -> None:
         pass
 
+    def assignment(self) -> set[Any]:
+        return self.assigned
+
 
 def drain(consumer: FakeConsumer) -> None:
     fetcher = SimpleNamespace(_stopped=Stopped())
@@ -122,6 +126,13 @@ def test_without_a_seek_every_record_is_delivered_in_order() -> None:
     drain(consumer)
     assert consumer.delivered == [7, 8, 9] and consumer._read_offset[TP] == 9
     assert consumer.reseeks == [] and consumer.gaps == []
+
+
+def test_a_partition_revoked_since_is_not_sought_again() -> None:
+    consumer = FakeConsumer([400, 401, 402], seek_at=400, target=380)
+    consumer.assigned = set()  # revoked by a later rebalance: aiokafka would refuse the seek
+    drain(consumer)
+    assert consumer.delivered == [400] and consumer.reseeks == []
 
 
 @pytest.mark.parametrize("active", [True, False])
