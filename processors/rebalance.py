@@ -49,10 +49,7 @@ ThreadDelegateConsumer = faust_consumer.ThreadDelegateConsumer
 
 def _seeks(consumer: Any) -> dict[TP, int]:
     """How many times each partition has been sought (created on first use)."""
-    found = consumer.__dict__.get("_spendledger_seeks")
-    if found is None:
-        found = consumer.__dict__["_spendledger_seeks"] = {}
-    return cast(dict[TP, int], found)
+    return cast(dict[TP, int], consumer.__dict__.setdefault("_spendledger_seeks", {}))
 
 
 def _mark_sought(consumer: Any, partitions: Any) -> None:
