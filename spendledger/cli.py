@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from spendledger.logs import configure
 
     configure(settings.log_level)
+    if args.command in ("api", "worker", "sink"):
+        from spendledger.runtime import tune_gc
+
+        tune_gc(settings.gc_thresholds)
     try:
         if args.command == "up":
             return cmd_up(args)

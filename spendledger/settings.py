@@ -102,6 +102,18 @@ class Settings(BaseSettings):
     broker_heartbeat_interval_s: float = 1.0
 
     log_level: str = Field(default="WARNING", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    gc_thresholds: tuple[int, int, int] = Field(
+        default=(50_000, 50, 100),
+        description="the services' garbage-collector thresholds (Python's own are 700, 10, 10); "
+        "e.g. [700,10,10]",
+    )
+
+    @field_validator("gc_thresholds")
+    @classmethod
+    def _gc(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) < 1:
+            raise ValueError("garbage-collector thresholds are positive, e.g. [50000,50,100]")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
