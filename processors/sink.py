@@ -196,6 +196,26 @@ def _alert_row(a: BudgetAlert) -> list[Any]:
     ]  # fmt: skip
 
 
+# Characters of ids per lookup query: ClickHouse refuses a query over 256 KiB (`max_query_size`).
+LOOKUP_CHARS = 200_000
+
+
+def _slices(ids: list[str]) -> list[tuple[str, ...]]:
+    """The ids in groups whose quoted list stays under LOOKUP_CHARS."""
+    out: list[tuple[str, ...]] = []
+    group: list[str] = []
+    size = 0
+    for one in ids:
+        if group and size + len(one) + 4 > LOOKUP_CHARS:
+            out.append(tuple(group))
+            group, size = [], 0
+        group.append(one)
+        size += len(one) + 4  # quotes, comma and space; an escaped quote is rare
+    if group:
+        out.append(tuple(group))
+    return out
+
+
 class ClickHouseStore:
     """LedgerStore on ClickHouse (server or chDB) through clickhouse-connect."""
 
@@ -211,19 +231,24 @@ class ClickHouseStore:
         return {(topic, int(partition)): int(offset) for topic, partition, offset in result.result_rows}
 
     def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]:
-        result = self._client.query(
-            "SELECT event_id FROM spend_records WHERE occurred_at >= %(start)s AND occurred_at <= %(end)s "
-            "AND event_id IN %(ids)s",
-            parameters={"ids": tuple(event_ids), "start": start, "end": end},
-        )
-        return {row[0] for row in result.result_rows}
+        found = set()
+        for ids in _slices(event_ids):
+            result = self._client.query(
+                "SELECT event_id FROM spend_records WHERE occurred_at >= %(start)s AND occurred_at <= %(end)s "
+                "AND event_id IN %(ids)s",
+                parameters={"ids": ids, "start": start, "end": end},
+            )
+            found |= {row[0] for row in result.result_rows}
+        return found
 
     def existing_alert_ids(self, alert_ids: list[str]) -> set[str]:
-        result = self._client.query(
-            "SELECT alert_id FROM budget_events WHERE alert_id IN %(ids)s",
-            parameters={"ids": tuple(alert_ids)},
-        )
-        return {row[0] for row in result.result_rows}
+        found = set()
+        for ids in _slices(alert_ids):
+            result = self._client.query(
+                "SELECT alert_id FROM budget_events WHERE alert_id IN %(ids)s", parameters={"ids": ids}
+            )
+            found |= {row[0] for row in result.result_rows}
+        return found
 
     def land(self, landing: Landing, group: str) -> None:
         token = landing.token(group)

@@ -97,3 +97,17 @@ def test_rollups_created_after_records_landed_are_back_filled_once(clickhouse):
     land(store, records(50, 4), 200)
     assert client.query("SELECT sum(requests) FROM spend_daily").result_rows == [(200,)]
     assert_rollups_equal_records(client)
+
+
+def test_the_replay_lookup_finds_ids_past_clickhouses_query_size_limit(clickhouse):
+    """3,000 ids of 200 characters: one `IN` list would be 600 KB, over ClickHouse's 256 KiB query limit."""
+    client = clickhouse()
+    store = ClickHouseStore(client)
+    batch = [
+        r.model_copy(update={"event_id": f"{i:04d}" + "e" * 196}) for i, r in enumerate(records(3000, seed=3))
+    ]
+    land(store, batch, 0)
+    ids = [r.event_id for r in batch]
+    start = min(r.occurred_at for r in batch) - dt.timedelta(seconds=1)
+    end = max(r.occurred_at for r in batch) + dt.timedelta(seconds=1)
+    assert store.existing_event_ids([*ids, "never-landed"], start, end) == set(ids)
