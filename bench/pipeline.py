@@ -4,7 +4,7 @@ and the same events copied by a bare confluent-kafka consumer into chDB with no 
     .venv/bin/python bench/pipeline.py [--events 500000] [--workers 1] [--profile DIR]
 
 The broker starts first and `spend.raw` is filled with sanitized `completed` events (the
-bytes ingest would publish). Then the worker(s), the API and the sink start, a budget is
+bytes ingest would publish: requests of 100 events, packed in one bundle per partition). Then the worker(s), the API and the sink start, a budget is
 set on every team tag (so the budget agent does its full work), and rows are counted
 until all have landed. The sustained rate is taken between 10 % and 90 % landed, so
 start-up (consumer group join, table recovery) is not in it.
@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 from common import clean_env, free_port, machine, progress
 
-from ingest.events import sanitize
+from ingest.events import raw_messages, sanitize
 from schemas.events import RawEvent
 from spendledger.embedded import EmbeddedSystem
 from spendledger.kafka import ensure_topics, start_tansu
@@ -57,32 +56,38 @@ def event(i: int, run: str) -> dict[str, Any]:
     }
 
 
-def prefill(settings: Settings, total: int, run: str) -> float:
-    """Write `total` sanitized events to spend.raw; returns the producer's events/s."""
+def prefill(settings: Settings, total: int, run: str) -> tuple[float, int]:
+    """Write `total` sanitized events to spend.raw; returns the producer's events/s and the messages written."""
     from confluent_kafka import Producer
 
     producer = Producer(settings.kafka_config(**{"linger.ms": 20, "batch.num.messages": 10_000}))
     # Event times as a gateway doing EVENT_TIME_RATE calls/s would stamp them, ending now.
     first = datetime.now(UTC) - timedelta(seconds=total / EVENT_TIME_RATE)
     started = time.perf_counter()
+    messages = 0
     with progress("prefill spend.raw", total) as tick:
-        for i in range(total):
-            at = first + timedelta(seconds=i / EVENT_TIME_RATE)
-            value = sanitize(RawEvent.model_validate(event(i, run)), received_at=at)
-            while True:
-                try:
-                    producer.produce(
-                        settings.topics.raw, key=value["request_id"].encode(), value=orjson.dumps(value)
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            if i % 10_000 == 9_999:
-                producer.poll(0)
-                tick(i + 1)
+        # In requests of 100 events, packed per partition as ingest packs them.
+        for start in range(0, total, 100):
+            published = [
+                sanitize(
+                    RawEvent.model_validate(event(i, run)),
+                    received_at=first + timedelta(seconds=i / EVENT_TIME_RATE),
+                )
+                for i in range(start, min(total, start + 100))
+            ]
+            for key, value in raw_messages(published, settings.topic_partitions):
+                messages += 1
+                while True:
+                    try:
+                        producer.produce(settings.topics.raw, key=key, value=value)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.poll(0)
+            tick(start + len(published))
         producer.flush(60)
         tick(total)
-    return total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started), messages
 
 
 @dataclass
@@ -136,8 +141,9 @@ def wait_landed(system: EmbeddedSystem, total: int, run: str, started: float) ->
     return Landed(sustained, total / seconds, seconds, Decimal(str(cost)))
 
 
-def bare_copy(settings: Settings, total: int, directory: Path) -> float:
-    """The same events, copied spend.raw -> chDB by a plain consumer: no decoding, no processing."""
+def bare_copy(settings: Settings, total: int, messages: int, directory: Path) -> float:
+    """The same events (`messages` bundles of them), copied spend.raw -> chDB by a plain consumer: no
+    decoding, no processing. Returns events/s."""
     import clickhouse_connect
     from confluent_kafka import Consumer
 
@@ -157,8 +163,8 @@ def bare_copy(settings: Settings, total: int, directory: Path) -> float:
     consumer.subscribe([settings.topics.raw])
     copied = 0
     started = 0.0
-    with progress("bare copy spend.raw -> chDB", total) as tick:
-        while copied < total:
+    with progress("bare copy spend.raw -> chDB (messages)", messages) as tick:
+        while copied < messages:
             batch = [m for m in consumer.consume(settings.sink_batch_max, timeout=1.0) if m.error() is None]
             if not batch:
                 continue
@@ -212,7 +218,7 @@ def run(
             )
             settings = Settings.model_validate({"kafka_bootstrap": env["SPENDLEDGER_KAFKA_BOOTSTRAP"]})
             ensure_topics(settings)
-            produce_per_s = prefill(settings, events, tag)
+            produce_per_s, messages = prefill(settings, events, tag)
             system = EmbeddedSystem(directory / "system", port=free_port(), env=env, say=lambda _: None)
             print("starting the worker, the API and the sink…", flush=True)
             started = time.perf_counter()
@@ -225,7 +231,7 @@ def run(
                     spy.wait(60)
             finally:
                 system.stop()
-            bare_per_s = bare_copy(settings, events, directory / "bare")
+            bare_per_s = bare_copy(settings, events, messages, directory / "bare")
         finally:
             broker.terminate()
             broker.wait(10)

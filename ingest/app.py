@@ -35,7 +35,7 @@ from ingest.errors import (
     error_body,
     status_for,
 )
-from ingest.events import attribution_warnings, sanitize
+from ingest.events import attribution_warnings, raw_messages, sanitize
 from ingest.publisher import EventPublisher
 from ingest.sql import QueryEngine, QueryLimits
 from ledger.errors import UsageError
@@ -217,9 +217,9 @@ def create_app(services: Services) -> FastAPI:
         events = _parse_events(await _read_body(request, settings.max_body_bytes))
         received_at = datetime.now(UTC)
         published = [sanitize(e, received_at=received_at) for e in events]
-        messages = [(p["request_id"].encode(), orjson.dumps(p)) for p in published]
         try:
-            await services.publisher.publish(settings.topics.raw, messages)
+            partitions = await services.publisher.partition_count(settings.topics.raw)
+            await services.publisher.publish(settings.topics.raw, raw_messages(published, partitions))
         except BrokerUnavailable as exc:
             raise BrokerUnavailableError(
                 f"{exc}; nothing was acknowledged, retry with the same event ids",

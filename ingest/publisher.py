@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
@@ -18,11 +19,22 @@ log = logging.getLogger(__name__)
 
 Message = tuple[bytes, bytes | None]  # (key, value); a None value is a tombstone
 
+# librdkafka's partitioners that place a keyed message by the CRC-32 of its key (the default first).
+DEFAULT_PARTITIONER = "consistent_random"
+CRC32_PARTITIONERS = frozenset({DEFAULT_PARTITIONER, "consistent"})
+PARTITIONS_TTL_S = 60.0
+PARTITIONS_ASK_S = 1.0
+
 
 class EventPublisher(Protocol):
     """Publishes messages to a topic and returns only once every one is acknowledged."""
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None: ...
+
+    async def partition_count(self, topic: str) -> int | None:
+        """The topic's partitions, when keyed messages are placed by librdkafka's default
+        partitioner (CRC-32); None when that is not known (callers then send one event per message)."""
+        ...
 
     async def ready(self) -> bool: ...
 
@@ -32,14 +44,18 @@ class EventPublisher(Protocol):
 class InMemoryPublisher:
     """Keeps published messages in a list; `fail_with` simulates an unavailable broker."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: int | None = None) -> None:
         self.sent: list[tuple[str, bytes, bytes | None]] = []
         self.fail_with: Exception | None = None
+        self.partitions = partitions
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
         if self.fail_with is not None:
             raise self.fail_with
         self.sent.extend((topic, key, value) for key, value in messages)
+
+    async def partition_count(self, topic: str) -> int | None:
+        return self.partitions
 
     async def ready(self) -> bool:
         return self.fail_with is None
@@ -66,6 +82,7 @@ class KafkaPublisher:
                 "logger": logging.getLogger("confluent_kafka.producer"),
             }
         )
+        self._partitions: dict[str, tuple[float, int | None]] = {}  # topic -> (known at, count)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
         self._poller.start()
@@ -99,6 +116,31 @@ class KafkaPublisher:
         except BrokerUnavailable:
             self._kafka.renew_if_failed()  # the client sends again, through a working producer
             raise
+
+    async def partition_count(self, topic: str) -> int | None:
+        """Asked of the broker, then known for a minute (partitions can be added to a topic)."""
+        if self._config.get("partitioner", DEFAULT_PARTITIONER) not in CRC32_PARTITIONERS:
+            return None
+        known = self._partitions.get(topic)
+        if known is not None and time.monotonic() - known[0] < PARTITIONS_TTL_S:
+            return known[1]
+
+        def ask() -> int | None:
+            try:
+                found = self._kafka.producer.list_topics(topic, timeout=PARTITIONS_ASK_S).topics.get(topic)
+            except KafkaException:
+                return None
+            return (
+                len(found.partitions)
+                if found is not None and found.error is None and found.partitions
+                else None
+            )
+
+        count = await asyncio.to_thread(ask)
+        if count is None and known is not None:
+            count = known[1]  # the broker did not answer: keep what it said last
+        self._partitions[topic] = (time.monotonic(), count)  # not asked again for a minute either way
+        return count
 
     async def ready(self) -> bool:
         def probe() -> bool:

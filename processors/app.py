@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,15 +40,64 @@ log = logging.getLogger(__name__)
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
 
+# Entries per `spend.tag-spend` message: about 250 KB, well under Kafka's default 1 MiB.
+MAX_SPEND_ENTRIES = 2000
+
 
 class Source(Protocol):
-    """Where a rejected input came from (a Kafka message, or a join timer's call)."""
+    """Where a rejected input came from (a Kafka message, an event of a bundle, or a join timer's call)."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class Bundled:
+    """One event of a `spend.raw` bundle: its message's place, and its own payload for a dead letter."""
+
+    __slots__ = ("_message", "_event")
+
+    def __init__(self, message: Source, event: Any) -> None:
+        self._message = message
+        self._event = event
+
+    topic = property(lambda self: self._message.topic)
+    partition = property(lambda self: self._message.partition)
+    offset = property(lambda self: self._message.offset)
+
+    @property
+    def key(self) -> bytes | None:
+        request_id = self._event.get("request_id") if isinstance(self._event, dict) else None
+        return request_id.encode() if isinstance(request_id, str) else self._message.key
+
+    @property
+    def value(self) -> bytes:
+        return orjson.dumps(self._event, default=str)
+
+
+def raw_events(
+    messages: Iterable[Source], reject: Callable[[str, Source, str], None]
+) -> Iterator[tuple[Source, Any]]:
+    """The events of a batch of `spend.raw` messages: each a single event or a bundle `{"events": [...]}`
+    (see ingest.events.raw_messages), with where each came from. An undecodable message is rejected."""
+    for message in messages:
+        try:
+            data = orjson.loads(message.value)  # type: ignore[arg-type]  # None: a TypeError, rejected
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            reject("join", message, f"invalid raw event: {describe(exc)}")
+            continue
+        if isinstance(data, dict) and "kind" not in data and isinstance(data.get("events"), list):
+            for event in data["events"]:
+                yield Bundled(message, event), event
+        else:
+            yield message, data
 
 
 class JoinState:
@@ -180,9 +229,8 @@ def create_app(settings: Settings) -> faust.App:
         """The records, then one spend message per tag for all of them (the budgets' input)."""
         for record in records:
             outbox.put(topics.attributed, record.request_id.encode(), record.model_dump_json().encode())
-        for tag, entries in tag_spend_entries(records).items():
-            spend = TagSpend(type="spend", entries=entries)
-            outbox.put(topics.tag_spend, tag.encode(), spend.model_dump_json().encode())
+        for key, value in tag_spend_messages(records):
+            outbox.put(topics.tag_spend, key, value)
 
     @app.agent(raw_topic, concurrency=1)
     async def ledger(stream: Any) -> None:
@@ -190,21 +238,25 @@ def create_app(settings: Settings) -> faust.App:
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
             records: list[AttributedRecord] = []
-            for event in events:
-                message = event.message
+            for source, data in raw_events((event.message for event in events), reject):
+                if len(records) >= settings.batch_max_events:
+                    # Bundles hold many events each: outputs go in slices of a batch's size, so no
+                    # spend message outgrows Kafka's limit and the other agents run in between.
+                    publish(records)
+                    records = []
+                    await outbox.flush()
                 try:
-                    data = orjson.loads(message.value)
                     RawEvent.model_validate(data)
-                except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
-                    reject("join", message, f"invalid raw event: {describe(exc)}")
+                except (ValidationError, TypeError) as exc:
+                    reject("join", source, f"invalid raw event: {describe(exc)}")
                     continue
                 metrics.EVENTS_IN.labels(data["kind"]).inc()
                 key = data["request_id"].encode()
-                step = on_event(state.get(key), data, partition=message.partition, now_ms=now_ms)
+                step = on_event(state.get(key), data, partition=source.partition, now_ms=now_ms)
                 if step.duplicate:
                     metrics.DUPLICATES.inc()
-                state.apply(key, step, message.partition)
-                records += attribute(step.emitted, message)
+                state.apply(key, step, source.partition)
+                records += attribute(step.emitted, source)
             publish(records)
             await outbox.flush()
             metrics.BATCH_SECONDS.labels("ledger").observe(time.perf_counter() - started)
@@ -257,6 +309,14 @@ def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendEn
         for tag in record.tags:
             out.setdefault(tag, []).append(entry)
     return out
+
+
+def tag_spend_messages(records: list[AttributedRecord]) -> Iterator[tuple[bytes, bytes]]:
+    """The `spend.tag-spend` messages for a batch's records: per tag, at most MAX_SPEND_ENTRIES entries each."""
+    for tag, entries in tag_spend_entries(records).items():
+        for start in range(0, len(entries), MAX_SPEND_ENTRIES):
+            spend = TagSpend(type="spend", entries=entries[start : start + MAX_SPEND_ENTRIES])
+            yield tag.encode(), spend.model_dump_json().encode()
 
 
 class TimedOut:

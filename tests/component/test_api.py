@@ -92,6 +92,17 @@ async def test_batch_keeps_given_event_ids(client, publisher):
     assert r.json()["event_ids"][:2] == ["evt_0", "evt_1"] and len(publisher.sent) == 500
 
 
+async def test_a_batch_is_published_as_one_bundle_per_partition(client, publisher):
+    publisher.partitions = 4
+    events = [dict(EVENT, request_id=f"r{i}", event_id=f"evt_{i}") for i in range(500)]
+    r = await client.post("/v1/events", json={"events": events}, headers=PRODUCER)
+    assert r.status_code == 202 and r.json()["accepted"] == 500
+    assert len(publisher.sent) == 4
+    sent = [e for _, _, value in publisher.sent for e in orjson.loads(value)["events"]]
+    assert sorted(e["event_id"] for e in sent) == sorted(r.json()["event_ids"])
+    assert all(b"sk-abcdef" not in value for _, _, value in publisher.sent)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

@@ -290,3 +290,66 @@ def test_no_credential_reaches_kafka_or_clickhouse(ledger):
         assert secret not in stored, secret
         assert secret.encode() not in seen, secret
         assert secret not in logs, secret  # the API, worker and broker logs
+
+
+def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledger):
+    import asyncio
+
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from ingest.events import partition_of
+    from ingest.publisher import KafkaPublisher
+
+    # librdkafka's default partitioner, on the real broker, is what the API groups by.
+    scratch = uid("partitions")
+    admin = AdminClient({"bootstrap.servers": ledger.bootstrap})
+    admin.create_topics([NewTopic(scratch, 4, 1)])[scratch].result(10)
+    placed: dict[bytes, int] = {}
+    producer = Producer({"bootstrap.servers": ledger.bootstrap})
+    for i in range(200):
+        producer.produce(
+            scratch,
+            key=f"req-{i}".encode(),
+            value=b"x",
+            on_delivery=lambda e, m: placed.update({m.key(): m.partition()}),
+        )
+    producer.flush(10)
+    assert len(placed) == 200 and len(set(placed.values())) == 4
+    assert placed == {key: partition_of(key, 4) for key in placed}
+    publisher = KafkaPublisher({"bootstrap.servers": ledger.bootstrap}, timeout_s=5)
+    assert asyncio.run(publisher.partition_count(scratch)) == 4
+    publisher.close()
+
+    # A batch through the API: one message per partition, every event landed once.
+    run = uid("bundle")
+    batch = [
+        {
+            "kind": "completed",
+            "request_id": f"{run}-{i}",
+            "model": "openai/gpt-4o",
+            "usage": {"input_tokens": 10},
+        }
+        for i in range(300)
+    ]
+    assert ledger.send({"events": batch}).status_code == 202
+    topic = ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"] + "spend.raw"
+    consumer = Consumer({"bootstrap.servers": ledger.bootstrap, "group.id": uid("reader")})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(4)])
+    bundles: dict[int, list[str]] = {}
+    for _ in range(30):
+        for msg in consumer.consume(1000, 0.5):
+            if msg.error() is None and msg.key().decode().startswith(run):
+                data = orjson.loads(msg.value())
+                bundles[msg.partition()] = [e["request_id"] for e in data.get("events", [data])]
+        if sum(map(len, bundles.values())) == 300:
+            break
+    consumer.close()
+    assert len(bundles) == 4 and sum(map(len, bundles.values())) == 300
+    for partition, members in bundles.items():
+        assert {partition_of(r.encode(), 4) for r in members} == {partition}
+    rows = ledger.wait_for(
+        f"SELECT count(), uniqExact(request_id) FROM spend_records WHERE request_id LIKE '{run}-%'",
+        lambda rows: rows[0][0] >= 300,
+    )
+    assert rows == [[300, 300]]

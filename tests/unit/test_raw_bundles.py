@@ -1,0 +1,122 @@
+"""spend.raw bundles: ingest packs a request's events per partition, the worker unpacks them."""
+
+from dataclasses import dataclass
+
+import orjson
+
+from ingest.events import partition_of, raw_messages
+from processors.app import Bundled, raw_events
+
+
+def events(n: int, prefix: str = "r") -> list[dict]:
+    return [{"kind": "completed", "request_id": f"{prefix}{i}", "model": "openai/gpt-4o"} for i in range(n)]
+
+
+def unpack(value: bytes) -> list[dict]:
+    data = orjson.loads(value)
+    return data["events"] if "events" in data else [data]
+
+
+def test_events_of_one_partition_travel_together_in_order_under_the_first_ones_key():
+    published = events(200)
+    messages = raw_messages(published, partitions=4)
+    assert len(messages) == 4
+    seen = []
+    for key, value in messages:
+        members = unpack(value)
+        assert key == members[0]["request_id"].encode()
+        assert {partition_of(m["request_id"].encode(), 4) for m in members} == {partition_of(key, 4)}
+        assert [int(m["request_id"][1:]) for m in members] == sorted(
+            int(m["request_id"][1:]) for m in members
+        )
+        seen += members
+    assert sorted(seen, key=lambda e: int(e["request_id"][1:])) == published
+
+
+def test_a_lone_event_stays_a_plain_event():
+    (key, value), *rest = raw_messages(events(1), partitions=4)
+    assert not rest and key == b"r0" and orjson.loads(value) == events(1)[0]
+
+
+def test_unknown_partitioning_sends_one_message_per_event():
+    messages = raw_messages(events(5), partitions=None)
+    assert [k for k, _ in messages] == [b"r0", b"r1", b"r2", b"r3", b"r4"]
+
+
+def test_bundles_are_split_to_stay_under_the_size_limit():
+    published = events(300)
+    messages = raw_messages(published, partitions=1, max_bytes=2_000)
+    assert len(messages) > 1
+    assert all(len(value) <= 2_000 for _, value in messages)
+    assert [e for _, v in messages for e in unpack(v)] == published
+
+
+def test_librdkafka_crc32_partitions_are_what_partition_of_computes():
+    # Known values of CRC-32 (the IEEE polynomial librdkafka's consistent partitioner uses).
+    assert partition_of(b"123456789", 1_000_000_000) == 0xCBF43926 % 1_000_000_000
+    assert partition_of(b"", 7) == 0
+
+
+@dataclass
+class Message:
+    value: bytes | None
+    topic: str = "spend.raw"
+    partition: int = 2
+    offset: int = 41
+    key: bytes | None = b"k"
+
+
+def test_the_worker_reads_plain_events_bundles_and_rejects_what_it_cannot_decode():
+    rejected = []
+    bundle = raw_messages(events(3), partitions=1)[0][1]
+    messages = [
+        Message(orjson.dumps(events(1, "single")[0])),
+        Message(bundle),
+        Message(b"\x00 no json"),
+        Message(None),
+    ]
+    out = list(raw_events(messages, lambda stage, source, reason: rejected.append((source.offset, reason))))
+    assert [e["request_id"] for _, e in out] == ["single0", "r0", "r1", "r2"]
+    assert out[0][0] is messages[0]
+    member = out[2][0]
+    assert isinstance(member, Bundled)
+    assert (member.topic, member.partition, member.offset, member.key) == ("spend.raw", 2, 41, b"r1")
+    assert orjson.loads(member.value) == events(3)[1]
+    assert [offset for offset, _ in rejected] == [41, 41]
+    assert all(reason.startswith("invalid raw event") for _, reason in rejected)
+
+
+def test_an_event_named_events_is_still_an_event():
+    event = {**events(1)[0], "events": []}
+    ((source, data),) = raw_events([Message(orjson.dumps(event))], lambda *a: None)
+    assert data == event
+
+
+def test_a_large_batch_spends_in_messages_of_bounded_size():
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from processors.app import MAX_SPEND_ENTRIES, tag_spend_messages
+    from schemas.budgets import TagSpend
+    from schemas.records import AttributedRecord
+
+    at = datetime(2026, 11, 30, tzinfo=UTC)
+    records = [
+        AttributedRecord(
+            event_id=f"evt_{i}",
+            request_id=f"r{i}",
+            occurred_at=at,
+            received_at=at,
+            tags=["env:prod", f"team:t{i % 2}"],
+            cost_usd=Decimal("0.001"),
+        )
+        for i in range(5000)
+    ]
+    counted: dict[bytes, list[str]] = {}
+    for key, value in tag_spend_messages(records):
+        entries = TagSpend.model_validate_json(value).entries
+        assert 0 < len(entries) <= MAX_SPEND_ENTRIES and len(value) < 512 * 1024
+        counted.setdefault(key, []).extend(e.event_id for e in entries)
+    assert sorted(counted) == [b"env:prod", b"team:t0", b"team:t1"]
+    assert counted[b"env:prod"] == [f"evt_{i}" for i in range(5000)]
+    assert len(counted[b"team:t0"]) == len(counted[b"team:t1"]) == 2500
