@@ -27,10 +27,18 @@ from ledger import Attributor, JoinedCall, LedgerError, PendingCall, PriceBook, 
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
 from processors import metrics, rebalance
-from processors.budgets import BudgetStore, block_signal, compact, outcome_messages
+from processors.budgets import (
+    BudgetStore,
+    SpendItem,
+    block_signal,
+    compact,
+    outcome_messages,
+    read_tag_spend,
+    spend_messages,
+)
 from processors.deadletter import dead_letter, describe
 from processors.outbox import Outbox
-from schemas.budgets import BudgetDefinition, SpendEntry, TagSpend
+from schemas.budgets import BudgetDefinition, TagSpend
 from schemas.events import RawEvent
 from schemas.records import AttributedRecord
 from spendledger.settings import Settings
@@ -39,9 +47,6 @@ log = logging.getLogger(__name__)
 
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
-
-# Entries per `spend.tag-spend` message: about 250 KB, well under Kafka's default 1 MiB.
-MAX_SPEND_ENTRIES = 2000
 
 
 class Source(Protocol):
@@ -229,8 +234,8 @@ def create_app(settings: Settings) -> faust.App:
         """The records, then one spend message per tag for all of them (the budgets' input)."""
         for record in records:
             outbox.put(topics.attributed, record.request_id.encode(), record.model_dump_json().encode())
-        for key, value in tag_spend_messages(records):
-            outbox.put(topics.tag_spend, key, value)
+        for key, value, partition in tag_spend_messages(records, settings.topic_partitions):
+            outbox.put(topics.tag_spend, key, value, partition)
 
     @app.agent(raw_topic, concurrency=1)
     async def ledger(stream: Any) -> None:
@@ -295,28 +300,23 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendEntry]]:
+def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendItem]]:
     """Priced spend of a batch by tag; a record counts in full for each of its tags."""
-    out: dict[str, list[SpendEntry]] = {}
+    out: dict[str, list[SpendItem]] = {}
     for record in records:
         if not record.cost_usd:
             continue  # unpriced (NULL) or free: nothing to count
-        entry = SpendEntry(
-            event_id=record.event_id,
-            occurred_ms=int(record.occurred_at.timestamp() * 1000),
-            cost_usd=record.cost_usd,
-        )
+        entry = (record.event_id, int(record.occurred_at.timestamp() * 1000), record.cost_usd)
         for tag in record.tags:
             out.setdefault(tag, []).append(entry)
     return out
 
 
-def tag_spend_messages(records: list[AttributedRecord]) -> Iterator[tuple[bytes, bytes]]:
-    """The `spend.tag-spend` messages for a batch's records: per tag, at most MAX_SPEND_ENTRIES entries each."""
-    for tag, entries in tag_spend_entries(records).items():
-        for start in range(0, len(entries), MAX_SPEND_ENTRIES):
-            spend = TagSpend(type="spend", entries=entries[start : start + MAX_SPEND_ENTRIES])
-            yield tag.encode(), spend.model_dump_json().encode()
+def tag_spend_messages(
+    records: list[AttributedRecord], partitions: int
+) -> Iterator[tuple[bytes, bytes, int]]:
+    """The `spend.tag-spend` messages for a batch's records (see processors.budgets.spend_messages)."""
+    return spend_messages(tag_spend_entries(records), partitions)
 
 
 class TimedOut:
@@ -407,24 +407,31 @@ def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: 
             for event in events:
                 message = event.message
                 try:
-                    tag = message.key.decode()
-                    spend = TagSpend.model_validate_json(message.value)
-                    account = store.account(tag, message.partition)
-                    if spend.type == "budget":
-                        before = (account.status, account.rule)
-                        store.set_definition(account, spend.definition)
-                        if spend.definition is None and before[1] is not None:
-                            deleted.append((tag, *before))
-                        touched[tag] = True
-                    else:
-                        counted = account.add_spend(
-                            [(e.event_id, e.occurred_ms, e.cost_usd) for e in spend.entries]
-                        )
-                        metrics.BUDGET_ENTRIES.inc(counted)
-                        metrics.BUDGET_DUPLICATES.inc(len(spend.entries) - counted)
-                        touched.setdefault(tag, False)
-                except (LedgerError, ValidationError, ValueError, AttributeError) as exc:
+                    spends = read_tag_spend(message.key, message.value)
+                except ValueError as exc:  # pydantic's ValidationError and orjson's errors are ValueErrors
                     reject("budgets", message, f"cannot apply to a budget: {describe(exc)}")
+                    continue
+                for tag, spend in spends:
+                    try:
+                        account = store.account(tag, message.partition)
+                        if isinstance(spend, TagSpend) and spend.type == "budget":
+                            before = (account.status, account.rule)
+                            store.set_definition(account, spend.definition)
+                            if spend.definition is None and before[1] is not None:
+                                deleted.append((tag, *before))
+                            touched[tag] = True
+                            continue
+                        items = (
+                            [(e.event_id, e.occurred_ms, e.cost_usd) for e in spend.entries]
+                            if isinstance(spend, TagSpend)
+                            else spend
+                        )
+                        counted = account.add_spend(items)
+                        metrics.BUDGET_ENTRIES.inc(counted)
+                        metrics.BUDGET_DUPLICATES.inc(len(items) - counted)
+                        touched.setdefault(tag, False)
+                    except (LedgerError, ValueError) as exc:
+                        reject("budgets", message, f"cannot apply to {tag!r}'s budget: {describe(exc)}")
             now_ms = int(time.time() * 1000)
             for tag, status, rule in deleted:
                 signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(

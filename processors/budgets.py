@@ -17,12 +17,13 @@ key, so the replay finds them whichever writes of a crashed batch landed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 
 from ledger.budgets import (
     Alert,
@@ -35,9 +36,77 @@ from ledger.budgets import (
     Window,
     rule_of,
 )
-from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition
+from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition, TagSpend
 
 SEP = "\x00"
+
+SpendItem = tuple[str, int, Decimal]  # event_id, occurred_ms, cost_usd
+
+# Entries per `spend.tag-spend` message: about 100 KB, well under Kafka's default 1 MiB.
+MAX_SPEND_ENTRIES = 2000
+
+
+def tag_partition(tag: str, partitions: int) -> int:
+    """The partition of a tag's key on `spend.tag-spend`: the Java client's murmur2, which the
+    worker's producer uses (`murmur2_random`), so a bundle lands with the tag's budget definitions."""
+    return (murmur2(tag.encode()) & 0x7FFFFFFF) % partitions
+
+
+def spend_messages(
+    by_tag: Mapping[str, list[SpendItem]], partitions: int
+) -> Iterator[tuple[bytes, bytes, int]]:
+    """The `spend.tag-spend` messages for a batch's spend, as (key, value, partition): one bundle
+    `{"type": "spends", "tags": {tag: [[event_id, occurred_ms, "cost"], ...]}}` per partition, keyed by
+    its first tag, of at most MAX_SPEND_ENTRIES entries. With a tag or two per event and a few events
+    per tag per batch, one message per tag was most of what the budget agent read."""
+    groups: dict[int, list[str]] = {}
+    for tag in by_tag:
+        groups.setdefault(tag_partition(tag, partitions), []).append(tag)
+    for partition, tags in groups.items():
+        bundle: dict[str, list[list[Any]]] = {}
+        size = 0
+        for tag in tags:
+            items = by_tag[tag]
+            for start in range(0, len(items), MAX_SPEND_ENTRIES):
+                if bundle and size + min(len(items) - start, MAX_SPEND_ENTRIES) > MAX_SPEND_ENTRIES:
+                    yield _spends(bundle, partition)
+                    bundle, size = {}, 0
+                part = items[start : start + MAX_SPEND_ENTRIES]
+                bundle.setdefault(tag, []).extend([i, ms, str(c)] for i, ms, c in part)
+                size += len(part)
+        if bundle:
+            yield _spends(bundle, partition)
+
+
+def _spends(bundle: dict[str, list[list[Any]]], partition: int) -> tuple[bytes, bytes, int]:
+    return next(iter(bundle)).encode(), orjson.dumps({"type": "spends", "tags": bundle}), partition
+
+
+def _item(event_id: Any, occurred_ms: Any, cost: Any) -> SpendItem:
+    if not (isinstance(event_id, str) and isinstance(occurred_ms, int) and isinstance(cost, str)):
+        raise TypeError("wrong types")
+    return event_id, occurred_ms, Decimal(cost)
+
+
+def read_tag_spend(key: bytes | None, value: bytes | None) -> list[tuple[str, list[SpendItem] | TagSpend]]:
+    """A `spend.tag-spend` message as (tag, spend items) pairs, or (tag, TagSpend) for a single-tag
+    message (a budget definition, or spend as written before bundles). Raises ValueError."""
+    if value is None or key is None:
+        raise ValueError("a tag-spend message has a key and a value")
+    data = orjson.loads(value)
+    if not (isinstance(data, dict) and data.get("type") == "spends"):
+        return [(key.decode(), TagSpend.model_validate(data))]
+    tags = data.get("tags")
+    if not isinstance(tags, dict):
+        raise ValueError("a spend bundle has a `tags` object")
+    out: list[tuple[str, list[SpendItem] | TagSpend]] = []
+    for tag, entries in tags.items():
+        try:
+            items = [_item(*entry) for entry in entries]
+        except (TypeError, ValueError, InvalidOperation) as exc:
+            raise ValueError(f"a spend entry of {tag!r} is not [event_id, occurred_ms, cost]") from exc
+        out.append((tag, items))
+    return out
 
 
 def compact(raw: bytes) -> bytes:

@@ -317,6 +317,20 @@ def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledg
     producer.flush(10)
     assert len(placed) == 200 and len(set(placed.values())) == 4
     assert placed == {key: partition_of(key, 4) for key in placed}
+    # The worker's producer (murmur2, as the Java client and Faust) is what spend bundles group by.
+    from processors.budgets import tag_partition
+
+    tagged: dict[bytes, int] = {}
+    worker_like = Producer({"bootstrap.servers": ledger.bootstrap, "partitioner": "murmur2_random"})
+    for i in range(200):
+        worker_like.produce(
+            scratch,
+            key=f"team:t{i}".encode(),
+            value=b"x",
+            on_delivery=lambda e, m: tagged.update({m.key(): m.partition()}),
+        )
+    worker_like.flush(10)
+    assert len(tagged) == 200 and tagged == {key: tag_partition(key.decode(), 4) for key in tagged}
     publisher = KafkaPublisher({"bootstrap.servers": ledger.bootstrap}, timeout_s=5)
     assert asyncio.run(publisher.partition_count(scratch)) == 4
     publisher.close()

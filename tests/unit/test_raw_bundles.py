@@ -1,6 +1,7 @@
 """spend.raw bundles: ingest packs a request's events per partition, the worker unpacks them."""
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import orjson
 
@@ -92,12 +93,12 @@ def test_an_event_named_events_is_still_an_event():
     assert data == event
 
 
-def test_a_large_batch_spends_in_messages_of_bounded_size():
+def test_a_large_batch_spends_in_bundles_of_bounded_size_on_each_tags_partition():
     from datetime import UTC, datetime
     from decimal import Decimal
 
-    from processors.app import MAX_SPEND_ENTRIES, tag_spend_messages
-    from schemas.budgets import TagSpend
+    from processors.app import tag_spend_messages
+    from processors.budgets import MAX_SPEND_ENTRIES, read_tag_spend, tag_partition
     from schemas.records import AttributedRecord
 
     at = datetime(2026, 11, 30, tzinfo=UTC)
@@ -107,16 +108,47 @@ def test_a_large_batch_spends_in_messages_of_bounded_size():
             request_id=f"r{i}",
             occurred_at=at,
             received_at=at,
-            tags=["env:prod", f"team:t{i % 2}"],
-            cost_usd=Decimal("0.001"),
+            tags=["env:prod", f"team:t{i % 2}", f"user:u{i % 40}"],
+            cost_usd=Decimal("0.001") if i % 10 else None,  # unpriced: nothing to count
         )
         for i in range(5000)
     ]
-    counted: dict[bytes, list[str]] = {}
-    for key, value in tag_spend_messages(records):
-        entries = TagSpend.model_validate_json(value).entries
-        assert 0 < len(entries) <= MAX_SPEND_ENTRIES and len(value) < 512 * 1024
-        counted.setdefault(key, []).extend(e.event_id for e in entries)
-    assert sorted(counted) == [b"env:prod", b"team:t0", b"team:t1"]
-    assert counted[b"env:prod"] == [f"evt_{i}" for i in range(5000)]
-    assert len(counted[b"team:t0"]) == len(counted[b"team:t1"]) == 2500
+    counted: dict[str, list[tuple]] = {}
+    for key, value, partition in tag_spend_messages(records, partitions=4):
+        spends = read_tag_spend(key, value)
+        assert key.decode() == spends[0][0]
+        assert sum(len(items) for _, items in spends) <= MAX_SPEND_ENTRIES and len(value) < 512 * 1024
+        for tag, items in spends:
+            assert tag_partition(tag, 4) == partition
+            counted.setdefault(tag, []).extend(items)
+    priced = [i for i in range(5000) if i % 10]
+    assert counted["env:prod"] == [(f"evt_{i}", int(at.timestamp() * 1000), Decimal("0.001")) for i in priced]
+    assert (len(counted["team:t0"]), len(counted["team:t1"])) == (2000, 2500)
+    assert len(counted) == 3 + 36 and sum(map(len, counted.values())) == 3 * len(priced)
+
+
+def test_the_budget_agent_reads_bundles_and_single_tag_messages_and_refuses_bad_ones():
+    import pytest
+
+    from processors.budgets import read_tag_spend
+    from schemas.budgets import TagSpend
+
+    bundle = orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5, "0.5"]], "b": [["e1", 5, "0.5"]]}})
+    assert [(t, [i[2] for i in items]) for t, items in read_tag_spend(b"a", bundle)] == [
+        ("a", [Decimal("0.5")]),
+        ("b", [Decimal("0.5")]),
+    ]
+    ((tag, single),) = read_tag_spend(b"team:x", TagSpend(type="budget").model_dump_json().encode())
+    assert tag == "team:x" and isinstance(single, TagSpend) and single.type == "budget"
+    for bad in (
+        b"not json",
+        orjson.dumps({"type": "spends", "tags": []}),
+        orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5, 0.5]]}}),  # a float cost: not exact
+        orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5]]}}),
+        orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5, "x"]]}}),
+        orjson.dumps({"type": "other"}),
+    ):
+        with pytest.raises(ValueError):
+            read_tag_spend(b"a", bad)
+    with pytest.raises(ValueError):
+        read_tag_spend(None, bundle)
