@@ -17,6 +17,7 @@ Header names are case-insensitive. Canonical tags are `key:value`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -152,9 +153,41 @@ class Attribution:
         return out
 
 
+_KEY_SEPARATORS = re.compile(r"[\s\-]+")
+
+# Memoized checks keep at most this many inputs of at most _CACHED_CHARS characters each (a few MB):
+# the same keys and values come on call after call, and checking them again was half of attribution.
+_CACHE_SIZE = 16_384
+_CACHED_CHARS = 256
+
+
 def canonical_key(key: str) -> str:
     """`X-Cost Center` -> `x_cost_center`: lower-case, `-` and spaces read as `_`."""
-    return re.sub(r"[\s\-]+", "_", key.strip().lower())
+    return _canonical_key_cached(key) if len(key) <= _CACHED_CHARS else _canonical_key(key)
+
+
+def _canonical_key(key: str) -> str:
+    return _KEY_SEPARATORS.sub("_", key.strip().lower())
+
+
+_canonical_key_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_canonical_key)
+
+
+def _check_value(dim_or_key: str, text: str, max_chars: int) -> tuple[str | None, tuple[str, str] | None]:
+    """A stripped tag value checked: (the value, None), or (None, (reason, input)) when it is invalid."""
+    if text == REDACTED or looks_like_secret(text) or is_secret_key(dim_or_key):
+        # (REDACTED: ingest already replaced a credential; the marker is no tag value either)
+        return None, ("secret_redacted", f"{dim_or_key}:{REDACTED}")
+    if not text:
+        return None, ("empty_value", f"{dim_or_key}:")
+    if len(text) > max_chars:
+        return None, ("too_long", f"{dim_or_key}:{text}")
+    if not _VALUE_RE.match(text):
+        return None, ("bad_characters", f"{dim_or_key}:{text}")
+    return text, None
+
+
+_check_value_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_check_value)
 
 
 def hash_user_id(user_id: str, key: bytes) -> str:
@@ -175,20 +208,12 @@ class _Builder:
     def _clean_value(self, dim_or_key: str, value: Any) -> str | None:
         """Validate a tag value; returns None (and records why) when invalid."""
         text = _stringify(value).strip()
-        if text == REDACTED or looks_like_secret(text) or is_secret_key(dim_or_key):
-            # (REDACTED: ingest already replaced a credential; the marker is no tag value either)
-            self.invalid("secret_redacted", f"{dim_or_key}:{REDACTED}")
-            return None
-        if not text:
-            self.invalid("empty_value", f"{dim_or_key}:")
-            return None
-        if len(text) > self.policy.max_value_chars:
-            self.invalid("too_long", f"{dim_or_key}:{text}")
-            return None
-        if not _VALUE_RE.match(text):
-            self.invalid("bad_characters", f"{dim_or_key}:{text}")
-            return None
-        return text
+        short = len(text) + len(dim_or_key) <= _CACHED_CHARS
+        check = _check_value_cached if short else _check_value
+        clean, problem = check(dim_or_key, text, self.policy.max_value_chars)
+        if problem is not None:
+            self.invalid(*problem)
+        return clean
 
     def dimension(self, dim: str, value: Any) -> None:
         if dim == "user":
