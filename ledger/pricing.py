@@ -12,6 +12,8 @@ column is Decimal(38, 12)).
 
 from __future__ import annotations
 
+import bisect
+import copy
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -130,7 +132,7 @@ class PriceBook:
         for group in self._overrides.values():
             group.sort(key=lambda o: o.effective_from, reverse=True)
         self._catalog: dict[tuple[str | None, str], Any] = {}
-        self._linear: dict[int, tuple[Any, LinearPrice | None]] = {}
+        self._linear: dict[int, tuple[Any, BandedPrice | None]] = {}
 
     def _override(self, provider: str | None, model: str, at: datetime) -> PriceOverride | None:
         for key in ((provider, model.lower()), (None, model.lower())):
@@ -189,11 +191,11 @@ class PriceBook:
         """(total, input, output) cost: by the linear form when the price has one, else by the catalog."""
         cached = self._linear.get(id(model_price))
         if cached is None:  # keep the price object alive with its id
-            cached = self._linear[id(model_price)] = (model_price, LinearPrice.of(model_price))
-        linear = cached[1]
+            cached = self._linear[id(model_price)] = (model_price, BandedPrice.of(model_price))
+        banded = cached[1]
         counts = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
-        if linear is not None and counts[2] + counts[3] <= counts[0]:
-            return linear.cost(counts)
+        if banded is not None and counts[2] + counts[3] <= counts[0]:
+            return banded.cost(counts)
         return catalog_cost(model_price, counts)
 
 
@@ -258,6 +260,56 @@ class LinearPrice:
             + (counts[0] * r[0][k] + counts[1] * r[1][k] + counts[2] * r[2][k] + counts[3] * r[3][k]) / MTOK
             for k in range(3)
         )
+
+
+@dataclass(frozen=True)
+class BandedPrice:
+    """A catalog price, tiered or not, as one LinearPrice per band of input tokens.
+
+    A tiered price ("cliff" pricing) applies a tier's rate to the WHOLE call once its input tokens
+    exceed the tier's start, so between two tier starts the price is linear. Each band's linear
+    form is read off the price with its tiers resolved for that band, and checked against the
+    catalog's own calculation of the tiered price inside the band (at both of its ends)."""
+
+    starts: tuple[int, ...]  # tier starts, ascending: band k holds input tokens in (starts[k-1], starts[k]]
+    bands: tuple[LinearPrice, ...]
+
+    @classmethod
+    def of(cls, model_price: Any) -> BandedPrice | None:
+        tiered = {k: v for k, v in vars(model_price).items() if isinstance(v, TieredPrices)}
+        if not tiered:
+            linear = LinearPrice.of(model_price)
+            return cls((), (linear,)) if linear is not None else None
+        starts = tuple(sorted({tier.start for v in tiered.values() for tier in v.tiers}))
+        bands = []
+        for k in range(len(starts) + 1):
+            low = starts[k - 1] + 1 if k else 0  # the fewest input tokens of the band
+            flat = copy.copy(model_price)
+            flat.__dict__.update({key: _tier_price(v, low) for key, v in tiered.items()})
+            linear = LinearPrice.of(flat)
+            if linear is None:
+                return None
+            high = starts[k] if k < len(starts) else low + 5_000_000
+            for inputs in (low, high):
+                for counts in ((inputs, 0, 0, 0), (inputs, 1_234, inputs // 3, inputs // 5)):
+                    try:
+                        if linear.cost(counts) != catalog_cost(model_price, counts):
+                            return None
+                    except (ValueError, ArithmeticError, LookupError):
+                        return None
+            bands.append(linear)
+        return cls(starts, tuple(bands))
+
+    def cost(self, counts: Counts) -> tuple[Decimal, Decimal, Decimal]:
+        return self.bands[bisect.bisect_left(self.starts, counts[0])].cost(counts)
+
+
+def _tier_price(price: TieredPrices, input_tokens: int) -> Decimal:
+    """The rate of a tiered price for a call with this many input tokens (as genai-prices picks it)."""
+    for tier in reversed(price.tiers):
+        if input_tokens > tier.start:
+            return tier.price
+    return price.base
 
 
 # One million of each count; a cache count comes with as many input tokens (it is part of them).

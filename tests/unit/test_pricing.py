@@ -147,34 +147,49 @@ def test_split_model_ref(model, provider, expected):
     assert split_model_ref(model, provider) == expected
 
 
-def test_linear_form_equals_the_catalog_for_every_catalog_model():
-    """The fast path is only the catalog's own arithmetic: exact on every model, random usage."""
+def test_banded_linear_form_equals_the_catalog_for_every_catalog_model():
+    """The fast path is only the catalog's own arithmetic: exact on every model, tiered or not, at
+    random usage and at each tier's edges."""
     import random
 
     from genai_prices import data_snapshot
 
-    from ledger.pricing import LinearPrice, catalog_cost
+    from ledger.pricing import BandedPrice, catalog_cost
 
     rng = random.Random(7)
-    checked = tiered = 0
+    checked = tiered = refused = 0
     for provider in data_snapshot.get_snapshot().providers:
         for model in provider.models:
             model_price = model.get_prices(AT)
-            linear = LinearPrice.of(model_price)
-            if linear is None:
-                tiered += 1
+            banded = BandedPrice.of(model_price)
+            if banded is None:
+                refused += 1
                 continue
-            for _ in range(4):
-                total = rng.randrange(0, 2_000_000)
+            inputs = [rng.randrange(0, 2_000_000) for _ in range(4)]
+            for start in banded.starts:
+                inputs += [start - 1, start, start + 1]
+            tiered += bool(banded.starts)
+            for total in inputs:
                 read = rng.randrange(0, total + 1)
                 counts = (total, rng.randrange(0, 100_000), read, rng.randrange(0, total - read + 1))
-                assert linear.cost(counts) == catalog_cost(model_price, counts), (provider.id, model.id)
+                assert banded.cost(counts) == catalog_cost(model_price, counts), (
+                    provider.id,
+                    model.id,
+                    counts,
+                )
                 checked += 1
-    assert checked > 4000 and tiered > 0  # the catalog has both kinds
+    assert checked > 4000 and tiered > 10  # the catalog has both kinds
+    assert refused < 10
 
 
-def test_tiered_prices_go_to_the_catalog():
-    from ledger.pricing import LinearPrice
+def test_tiered_prices_are_priced_by_band():
+    from ledger.pricing import BandedPrice, LinearPrice
 
     found = PriceBook()._catalog_model("google", "gemini-2.5-pro")
-    assert found is not None and LinearPrice.of(found[1].get_prices(AT)) is None  # long-context tiers
+    assert found is not None
+    model_price = found[1].get_prices(AT)
+    assert LinearPrice.of(model_price) is None  # long-context tiers: not one linear form
+    banded = BandedPrice.of(model_price)
+    assert banded is not None and banded.starts == (200_000,)
+    assert banded.cost((200_000, 200, 0, 0))[0] == Decimal("0.252")
+    assert banded.cost((200_001, 200, 0, 0))[0] == Decimal("0.5030025")
