@@ -10,6 +10,11 @@ INVALID_TAGS = Counter("spendledger_worker_invalid_tags", "Invalid attribution i
 DEAD_LETTERS = Counter("spendledger_dead_letters", "Messages sent to the dead-letter topic", ["stage"])
 PENDING_CALLS = Gauge("spendledger_worker_pending_calls", "Calls waiting for their partner event")
 BATCH_SECONDS = Histogram("spendledger_worker_batch_seconds", "Time to process one batch", ["agent"])
+FLUSH_SECONDS = Histogram(
+    "spendledger_worker_flush_seconds",
+    "Time a batch waits for Kafka to acknowledge its outputs and then its state",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 STALE_FETCHES = Counter(
     "spendledger_worker_stale_fetches",
     "Partitions whose records, fetched before a seek, were dropped and fetched again",

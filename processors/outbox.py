@@ -32,6 +32,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from processors.metrics import FLUSH_SECONDS
 from spendledger.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,13 @@ class Outbox:
 
     async def flush(self) -> None:
         """Return once every queued message is in Kafka, outputs first, then state; failures are sent again."""
+        started = time.perf_counter()
+        try:
+            await self._flush()
+        finally:
+            FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _flush(self) -> None:
         delay = 0.2
         while True:
             remaining = await self._drain(self._flush_timeout_s)
