@@ -224,15 +224,28 @@ class HistoryPolicy:
 class SecondBucket:
     amount: Decimal = ZERO
     ids: set[str] = field(default_factory=set)
-    # Counted since the last `take_unsaved()`: a store writes only these (a hot second's ids
-    # would otherwise be rewritten whole, and grow past a Kafka message, on every batch).
-    unsaved_ids: list[str] = field(default_factory=list)
-    unsaved_amount: Decimal = ZERO
+    # Counted since the last `take_unsaved()`, each id with its cost: a store writes only these
+    # (a hot second's ids would otherwise be rewritten whole, and grow past a Kafka message, on
+    # every batch).
+    unsaved: list[tuple[str, Decimal]] = field(default_factory=list)
 
-    def take_unsaved(self) -> tuple[list[str], Decimal]:
-        taken = self.unsaved_ids, self.unsaved_amount
-        self.unsaved_ids, self.unsaved_amount = [], ZERO
-        return taken
+    def take_unsaved(self, max_chars: int) -> list[tuple[list[str], Decimal]]:
+        """What was counted since the last call, in parts whose ids add up to at most `max_chars`
+        characters (one id, whatever its length, at least), each part with its own amount."""
+        taken, self.unsaved = self.unsaved, []
+        parts: list[tuple[list[str], Decimal]] = []
+        ids: list[str] = []
+        amount, size = ZERO, 0
+        for event_id, cost in taken:
+            if ids and size + len(event_id) > max_chars:
+                parts.append((ids, amount))
+                ids, amount, size = [], ZERO, 0
+            ids.append(event_id)
+            amount += cost
+            size += len(event_id)
+        if ids:
+            parts.append((ids, amount))
+        return parts
 
 
 @dataclass(slots=True)
@@ -268,8 +281,7 @@ class SpendHistory:
         bucket.ids.add(event_id)
         self.seen.add(event_id)
         bucket.amount += amount
-        bucket.unsaved_ids.append(event_id)
-        bucket.unsaved_amount += amount
+        bucket.unsaved.append((event_id, amount))
         self.changed.add(("s", second))
         return True
 

@@ -42,6 +42,10 @@ SEP = "\x00"
 
 SpendItem = tuple[str, int, Decimal]  # event_id, occurred_ms, cost_usd
 
+# Characters of event ids in one stored part of a second bucket: about 300 KB of JSON at most,
+# well under Kafka's default 1 MiB, however many events one tag has in one second.
+MAX_PART_ID_CHARS = 256 * 1024
+
 # Entries per `spend.tag-spend` message: about 100 KB, well under Kafka's default 1 MiB.
 MAX_SPEND_ENTRIES = 2000
 
@@ -242,8 +246,7 @@ class BudgetStore:
             for n in range(self.parts.pop(part_key, 0)):
                 self._put(partition, f"{key}{SEP}{n}", None)
             return
-        ids, amount = bucket.take_unsaved()
-        if ids:
+        for ids, amount in bucket.take_unsaved(MAX_PART_ID_CHARS):
             n = self.parts.get(part_key, 0)
             self._put(partition, f"{key}{SEP}{n}", {"a": str(amount), "i": ids})
             self.parts[part_key] = n + 1
@@ -270,8 +273,9 @@ class BudgetStore:
                 bucket = history.restore_second(second, Decimal(value["a"]), value["i"])
                 if len(rest) == 1:  # a whole bucket in one key (before parts): written again as a part
                     legacy.append((partition, raw_key))
-                    bucket.unsaved_ids += value["i"]
-                    bucket.unsaved_amount += Decimal(value["a"])
+                    # (its amount rides on its first id)
+                    amounts = [Decimal(value["a"])] + [Decimal(0)] * (len(value["i"]) - 1)
+                    bucket.unsaved += zip(value["i"], amounts, strict=True)
                     history.changed.add(("s", second))
                 else:
                     self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), int(rest[1]) + 1)

@@ -394,6 +394,32 @@ def test_a_hot_second_is_written_in_parts_holding_only_new_ids():
     assert data[b"m\x00env:prod\x00" + str(NOW // MINUTE_MS * MINUTE_MS).encode()]
 
 
+def test_a_second_too_big_for_one_message_is_written_in_parts_each_with_its_own_amount():
+    """30,000 events of one tag in one second, in one batch, with 200-character ids (6 MB of ids)."""
+    from processors.budgets import MAX_PART_ID_CHARS, BudgetStore
+
+    data: dict[bytes, bytes] = {}
+    changelog: list[tuple[int, bytes, bytes | None]] = []
+    store = BudgetStore(data, lambda p, k, v: changelog.append((p, k, v)), HistoryPolicy())
+    account = store.account("env:prod", 1)
+    ids = [f"{i:05d}" + "e" * 195 for i in range(30_000)]
+    account.add_spend(
+        [(event_id, NOW + 10, D("0.01") if i % 2 else D("0.03")) for i, event_id in enumerate(ids)]
+    )
+    store.persist(account)
+    parts = [orjson.loads(v) for k, v in data.items() if k.startswith(b"s\x00")]
+    assert len(parts) > 20
+    assert max(len(v or b"") for _, _, v in changelog) < 2 * MAX_PART_ID_CHARS < 1024 * 1024
+    # Each part's amount is the cost of exactly its ids: any subset of parts that landed is consistent.
+    cost = {event_id: D("0.01") if i % 2 else D("0.03") for i, event_id in enumerate(ids)}
+    assert all(D(p["a"]) == sum(cost[i] for i in p["i"]) for p in parts)
+    assert sorted(i for p in parts for i in p["i"]) == ids
+
+    rebuilt = BudgetStore(dict(data), lambda *_: None, HistoryPolicy())
+    rebuilt.rebuild({1})
+    assert rebuilt.accounts["env:prod"].history.seconds[NOW].amount == D("600.00")
+
+
 def test_a_whole_second_bucket_from_before_parts_is_rewritten_as_a_part():
     from processors.budgets import BudgetStore
 
