@@ -231,7 +231,7 @@ def create_app(settings: Settings) -> faust.App:
         return records
 
     def publish(records: list[AttributedRecord]) -> None:
-        """The records, then one spend message per tag for all of them (the budgets' input)."""
+        """The records, then their spend by tag in one bundle per partition (the budgets' input)."""
         for record in records:
             outbox.put(topics.attributed, record.request_id.encode(), record.model_dump_json().encode())
         for key, value, partition in tag_spend_messages(records, settings.topic_partitions):

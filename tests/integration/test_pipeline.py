@@ -292,6 +292,18 @@ def test_no_credential_reaches_kafka_or_clickhouse(ledger):
         assert secret not in logs, secret  # the API, worker and broker logs
 
 
+def placements(bootstrap: str, topic: str, keys: list[bytes], **config: str) -> dict[bytes, int]:
+    """Where a confluent-kafka producer (with `config`) puts each key on the real broker."""
+    placed: dict[bytes, int] = {}
+    producer = Producer({"bootstrap.servers": bootstrap, **config})
+    for key in keys:
+        producer.produce(
+            topic, key=key, value=b"x", on_delivery=lambda e, m: placed.update({m.key(): m.partition()})
+        )
+    producer.flush(10)
+    return placed
+
+
 def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledger):
     import asyncio
 
@@ -305,31 +317,14 @@ def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledg
     scratch = uid("partitions")
     admin = AdminClient({"bootstrap.servers": ledger.bootstrap})
     admin.create_topics([NewTopic(scratch, 4, 1)])[scratch].result(10)
-    placed: dict[bytes, int] = {}
-    producer = Producer({"bootstrap.servers": ledger.bootstrap})
-    for i in range(200):
-        producer.produce(
-            scratch,
-            key=f"req-{i}".encode(),
-            value=b"x",
-            on_delivery=lambda e, m: placed.update({m.key(): m.partition()}),
-        )
-    producer.flush(10)
+    placed = placements(ledger.bootstrap, scratch, [f"req-{i}".encode() for i in range(200)])
     assert len(placed) == 200 and len(set(placed.values())) == 4
     assert placed == {key: partition_of(key, 4) for key in placed}
     # The worker's producer (murmur2, as the Java client and Faust) is what spend bundles group by.
     from processors.budgets import tag_partition
 
-    tagged: dict[bytes, int] = {}
-    worker_like = Producer({"bootstrap.servers": ledger.bootstrap, "partitioner": "murmur2_random"})
-    for i in range(200):
-        worker_like.produce(
-            scratch,
-            key=f"team:t{i}".encode(),
-            value=b"x",
-            on_delivery=lambda e, m: tagged.update({m.key(): m.partition()}),
-        )
-    worker_like.flush(10)
+    keys = [f"team:t{i}".encode() for i in range(200)]
+    tagged = placements(ledger.bootstrap, scratch, keys, partitioner="murmur2_random")
     assert len(tagged) == 200 and tagged == {key: tag_partition(key.decode(), 4) for key in tagged}
     publisher = KafkaPublisher({"bootstrap.servers": ledger.bootstrap}, timeout_s=5)
     assert asyncio.run(publisher.partition_count(scratch)) == 4
