@@ -245,8 +245,9 @@ def create_app(settings: Settings) -> faust.App:
             records: list[AttributedRecord] = []
             for source, data in raw_events((event.message for event in events), reject):
                 if len(records) >= settings.batch_max_events:
-                    # Bundles hold many events each: outputs go in slices of a batch's size, so no
-                    # spend message outgrows Kafka's limit and the other agents run in between.
+                    # Bundles hold many events each: a backlog's batch is published and flushed in
+                    # slices of a batch's size, so the other agents run in between and what waits
+                    # in memory for the flush stays bounded.
                     publish(records)
                     records = []
                     await outbox.flush()

@@ -6,8 +6,9 @@ changelog partition of every key is the `spend.tag-spend` partition its tag
 comes from. The in-memory accounts are rebuilt from the table after recovery.
 
 A second bucket (the dedupe tier) is written as parts, `s|tag|second|n`: each
-batch writes only the ids it added (at most a batch's worth), so a hot second is
-never rewritten whole and no value outgrows a Kafka message.
+batch writes only the ids it added, in parts of at most MAX_PART_ID_CHARS
+characters of ids, so a hot second is never rewritten whole and no value
+outgrows a Kafka message.
 
 Replays: a replayed `spend.tag-spend` message carries the same event ids, and
 each part holds its amount together with the ids counted in it, written in one
