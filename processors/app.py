@@ -199,19 +199,7 @@ def create_app(settings: Settings) -> faust.App:
     timeouts = settings.join_timeouts()
     attributor = Attributor(settings.attribution_policy(), load_price_book(settings.price_overrides_file))
 
-    def reject(stage: str, source: Source, reason: str) -> None:
-        metrics.DEAD_LETTERS.labels(stage).inc()
-        outbox.put(
-            topics.dead_letter,
-            source.key,
-            dead_letter(
-                source_topic=source.topic,
-                partition=source.partition,
-                offset=source.offset,
-                reason=reason,
-                payload=source.value,
-            ),
-        )
+    reject = rejecter(outbox, topics.dead_letter)
 
     def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[AttributedRecord]:
         records = []
@@ -287,7 +275,7 @@ def create_app(settings: Settings) -> faust.App:
         await outbox.flush()
         metrics.PENDING_CALLS.set(pending)
 
-    install_budgets(app, settings, outbox, reject)
+    install_budgets(app, settings)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -320,6 +308,29 @@ def tag_spend_messages(
     return spend_messages(tag_spend_entries(records), partitions)
 
 
+Reject = Callable[[str, Source, str], None]
+
+
+def rejecter(outbox: Outbox, topic: str) -> Reject:
+    """Dead-letters an input through an agent's outbox, so the agent's flush covers it."""
+
+    def reject(stage: str, source: Source, reason: str) -> None:
+        metrics.DEAD_LETTERS.labels(stage).inc()
+        outbox.put(
+            topic,
+            source.key,
+            dead_letter(
+                source_topic=source.topic,
+                partition=source.partition,
+                offset=source.offset,
+                reason=reason,
+                payload=source.value,
+            ),
+        )
+
+    return reject
+
+
 class TimedOut:
     """The source of a call the join timer emitted (no Kafka message of its own)."""
 
@@ -347,9 +358,14 @@ def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
 
 
-def install_budgets(app: faust.App, settings: Settings, outbox: Outbox, reject: Any) -> None:
-    """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer."""
+def install_budgets(app: faust.App, settings: Settings) -> None:
+    """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer.
+
+    They have their own outbox: a flush waits for everything queued in its producer, and with one
+    producer for all agents a block signal waited for the ledger's records and changelog as well."""
     topics = settings.topics
+    outbox = Outbox(settings.kafka_config())
+    reject = rejecter(outbox, topics.dead_letter)
     budgets_topic = app.topic(topics.budgets, partitions=settings.topic_partitions)
     tag_spend_topic = app.topic(topics.tag_spend, partitions=settings.topic_partitions)
     table = state_table(app, settings, "budget-state", "Spend history, budget and status per tag")
