@@ -81,15 +81,20 @@ def run_rate(
         if counts[team] == crossing:
             crossing_index[index] = team
     accepted: dict[str, float] = {}
+    accepted_wall: dict[str, float] = {}
     seen: dict[str, float] = {}
+    evaluated: dict[str, float] = {}  # the budget agent's clock when it decided the block
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
             now = time.perf_counter()
             for team in list(accepted):
-                if team not in seen and not guard.check([f"team:{team}"]).allowed:
-                    seen[team] = now
+                if team not in seen:
+                    decision = guard.check([f"team:{team}"])
+                    if not decision.allowed:
+                        seen[team] = now
+                        evaluated[team] = decision.blocked_by[0].updated_at.timestamp()
             time.sleep(0.001)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -107,10 +112,11 @@ def run_rate(
         events = [event(run, n, budgeted_at.get(n, f"bg{n % 13}")) for n in range(i, i + size)]
         r = http.post("/v1/events", json={"events": events}, headers=producer)
         r.raise_for_status()
-        done = time.perf_counter()
+        done, wall = time.perf_counter(), time.time()
         for n in range(i, i + size):
             if n in crossing_index:
                 accepted[crossing_index[n]] = done
+                accepted_wall[crossing_index[n]] = wall
         i += size
         if done >= next_report:
             next_report = done + 5
@@ -122,6 +128,13 @@ def run_rate(
     stop.set()
     watcher.join()
     latencies = [seen[t] - accepted[t] for t in accepted if t in seen] or [float("nan")]
+    # The two halves: from the 202 to the budget agent's decision, and from there to the guard.
+    to_decision = [evaluated[t] - accepted_wall[t] for t in accepted if t in seen] or [float("nan")]
+    to_guard = [
+        latency - decided for latency, decided in zip(
+            [seen[t] - accepted[t] for t in accepted if t in seen], to_decision, strict=False
+        )
+    ] or [float("nan")]
     return {
         "rate": rate,
         "achieved": total / elapsed,
@@ -132,6 +145,10 @@ def run_rate(
         "p99": percentile(latencies, 99),
         "max": max(latencies),
         "mean": statistics.fmean(latencies),
+        "to_decision_p50": percentile(to_decision, 50),
+        "to_decision_p99": percentile(to_decision, 99),
+        "to_guard_p50": percentile(to_guard, 50),
+        "to_guard_p99": percentile(to_guard, 99),
     }
 
 
@@ -193,6 +210,12 @@ def main() -> None:
             f"{r['rate']:>10}{r['achieved']:>10.0f}{r['samples']:>9}{r['p50'] * 1000:>9.0f}{r['p90'] * 1000:>9.0f}"
             f"{r['p99'] * 1000:>9.0f}{r['max'] * 1000:>9.0f}"
             + (f"  ({r['missing']} blocks never seen)" if r["missing"] else "")
+        )
+    for r in results:
+        print(
+            f"{r['rate']:>10} ev/s: 202 -> budget agent's decision p50 {r['to_decision_p50'] * 1000:.0f} ms, "
+            f"p99 {r['to_decision_p99'] * 1000:.0f} ms; decision -> guard p50 {r['to_guard_p50'] * 1000:.0f} ms, "
+            f"p99 {r['to_guard_p99'] * 1000:.0f} ms"
         )
 
 
