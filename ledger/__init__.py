@@ -2,7 +2,7 @@
 
 from ledger.attribute import Attributor
 from ledger.errors import JoinError, LedgerError, PriceFileError, UsageError
-from ledger.join import JoinedCall, JoinStep, JoinTimeouts, PendingCall, on_event, on_tick
+from ledger.join import JoinedCall, JoinStep, JoinTimeouts, PendingCall, next_tick_ms, on_event, on_tick
 from ledger.pricing import Price, PriceBook, PriceOverride, parse_price_overrides
 from ledger.tags import Attribution, AttributionPolicy, normalize
 from ledger.usage import TokenUsage, parse_usage
@@ -25,6 +25,7 @@ __all__ = [
     "UsageError",
     "normalize",
     "on_event",
+    "next_tick_ms",
     "on_tick",
     "parse_price_overrides",
     "parse_usage",

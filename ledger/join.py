@@ -118,6 +118,15 @@ def on_tick(state: PendingCall, *, now_ms: int, timeouts: JoinTimeouts) -> JoinS
     return JoinStep(state)
 
 
+def next_tick_ms(state: PendingCall, timeouts: JoinTimeouts) -> int:
+    """The first time at which `on_tick` changes this state (so a timer need not look at it before)."""
+    if state.done_ms is not None:
+        return state.done_ms + timeouts.done_retention_ms
+    if state.request is not None:
+        return state.first_seen_ms + timeouts.request_timeout_ms
+    return state.first_seen_ms + timeouts.usage_wait_ms
+
+
 def _done(state: PendingCall, now_ms: int) -> PendingCall:
     # The events themselves are dropped: the marker only has to say "already emitted".
     return PendingCall(partition=state.partition, first_seen_ms=state.first_seen_ms, done_ms=now_ms)

@@ -37,7 +37,7 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory: Any) -> Any:
-    with running_system(tmp_path_factory) as ledger:
+    with running_system(tmp_path_factory, request_timeout_s="10") as ledger:
         ledger.system.start_supervisor(0.25)
         yield ledger
 
@@ -144,3 +144,29 @@ def test_kill_9_under_load_loses_nothing_and_counts_nothing_twice(supervised: Le
         guard.stop()
     log = (ledger.system.log_dir / "supervisor.log").read_text()
     assert "restarted the worker" in log and "restarted the api" in log
+
+
+def test_a_pending_request_still_expires_after_its_worker_is_killed(supervised: Ledger) -> None:
+    """The join timer only looks at indexed states; a restarted worker indexes the state it recovers."""
+    ledger = supervised
+    rid = f"pending-{uuid.uuid4().hex[:10]}"
+    r = ledger.send(
+        {
+            "kind": "request",
+            "request_id": rid,
+            "model": "openai/gpt-4o",
+            "headers": {"X-AnyAPI-App-ID": "kept"},
+        }
+    )
+    assert r.status_code == 202, r.text
+    # Well past the worker's processing and its offset commit (every second), inside the 10 s
+    # request timeout: the pending call now lives only in the join state's changelog.
+    time.sleep(5)
+    worker = ledger.system.children["worker"]
+    os.kill(worker.pid, signal.SIGKILL)
+    rows = ledger.wait_for(
+        f"SELECT status, join_kind, app_id FROM spend_records WHERE request_id = '{rid}'",
+        lambda rows: len(rows) == 1,
+        timeout=120,
+    )
+    assert rows == [["incomplete", "request_only", "kept"]]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ledger.join import JoinTimeouts, PendingCall, on_event, on_tick
+from ledger.join import JoinTimeouts, PendingCall, next_tick_ms, on_event, on_tick
 
 T = JoinTimeouts(request_timeout_ms=60_000, usage_wait_ms=5_000, done_retention_ms=600_000)
 
@@ -58,6 +58,22 @@ def test_done_marker_forgotten_after_retention():
     assert on_tick(done, now_ms=600_099, timeouts=T).state is done
     gone = on_tick(done, now_ms=600_100, timeouts=T)
     assert gone.state is None and gone.changed
+
+
+@pytest.mark.parametrize(
+    ("state", "due"),
+    [
+        (PendingCall(partition=0, first_seen_ms=1_000, request=ev("request")), 61_000),
+        (PendingCall(partition=0, first_seen_ms=1_000, usage=ev("usage")), 6_000),
+        (PendingCall(partition=0, first_seen_ms=1_000, done_ms=2_000), 602_000),
+    ],
+    ids=["pending request", "usage waiting for its request", "done marker"],
+)
+def test_next_tick_is_the_first_time_on_tick_changes_the_state(state, due):
+    """The join timer only looks at a state from its next tick on, so that time must be exact."""
+    assert next_tick_ms(state, T) == due
+    assert not on_tick(state, now_ms=due - 1, timeouts=T).changed
+    assert on_tick(state, now_ms=due, timeouts=T).changed
 
 
 def test_state_round_trips():
