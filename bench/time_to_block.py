@@ -131,7 +131,8 @@ def run_rate(
     # The two halves: from the 202 to the budget agent's decision, and from there to the guard.
     to_decision = [evaluated[t] - accepted_wall[t] for t in accepted if t in seen] or [float("nan")]
     to_guard = [
-        latency - decided for latency, decided in zip(
+        latency - decided
+        for latency, decided in zip(
             [seen[t] - accepted[t] for t in accepted if t in seen], to_decision, strict=False
         )
     ] or [float("nan")]
