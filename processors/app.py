@@ -254,7 +254,7 @@ def create_app(settings: Settings) -> faust.App:
     def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[AttributedRecord]:
         records = []
         for call in calls:
-            metrics.CALLS_JOINED.labels(call.join_kind).inc()
+            metrics.child(metrics.CALLS_JOINED, call.join_kind).inc()
             try:
                 record = attributor.record(call)
             except (LedgerError, ValidationError, ValueError, KeyError, TypeError) as exc:
@@ -263,8 +263,8 @@ def create_app(settings: Settings) -> faust.App:
                 )
                 continue
             for entry in record.invalid_tags:
-                metrics.INVALID_TAGS.labels(entry.partition("|")[0]).inc()
-            metrics.RECORDS_OUT.labels(record.price_source).inc()
+                metrics.child(metrics.INVALID_TAGS, entry.partition("|")[0]).inc()
+            metrics.child(metrics.RECORDS_OUT, record.price_source).inc()
             records.append(record)
         return records
 
@@ -303,7 +303,7 @@ def create_app(settings: Settings) -> faust.App:
                 except (ValidationError, TypeError) as exc:
                     reject("join", source, f"invalid raw event: {describe(exc)}")
                     continue
-                metrics.EVENTS_IN.labels(data["kind"]).inc()
+                metrics.child(metrics.EVENTS_IN, data["kind"]).inc()
                 key = data["request_id"].encode()
                 step = on_event(state.get(key), data, partition=source.partition, now_ms=now_ms)
                 if step.duplicate:

@@ -17,6 +17,7 @@ key, so the replay finds them whichever writes of a crashed batch landed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -52,9 +53,11 @@ MAX_PART_ID_CHARS = 256 * 1024
 MAX_SPEND_ENTRIES = 2000
 
 
+@functools.lru_cache(maxsize=16_384)
 def tag_partition(tag: str, partitions: int) -> int:
     """The partition of a tag's key on `spend.tag-spend`: the Java client's murmur2, which the
-    worker's producer uses (`murmur2_random`), so a bundle lands with the tag's budget definitions."""
+    worker's producer uses (`murmur2_random`), so a bundle lands with the tag's budget definitions.
+    Memoized: aiokafka's murmur2 is pure Python (3.6 µs a tag, about five tags an event)."""
     return (murmur2(tag.encode()) & 0x7FFFFFFF) % partitions
 
 
