@@ -315,7 +315,7 @@ def create_app(settings: Settings) -> faust.App:
             metrics.BATCH_SECONDS.labels("ledger").observe(time.perf_counter() - started)
 
     def assigned_raw() -> set[int]:
-        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.raw}
+        return assigned_partitions(app, topics.raw)
 
     @pending_calls.on_recover
     async def index_join_state() -> None:
@@ -418,6 +418,11 @@ def changelog_writer(table: Any, outbox: Outbox) -> ChangelogSend:
     return send
 
 
+def assigned_partitions(app: faust.App, topic: str) -> set[int]:
+    """The partitions of `topic` this worker holds now."""
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+
 def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
     """A changelog-backed table of raw bytes, written explicitly by its agent (see JoinState)."""
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
@@ -438,7 +443,7 @@ def install_budgets(app: faust.App, settings: Settings) -> None:
     compacted_at = [0.0]
 
     def assigned() -> set[int]:
-        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topics.tag_spend}
+        return assigned_partitions(app, topics.tag_spend)
 
     @table.on_recover
     async def rebuild() -> None:
