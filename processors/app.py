@@ -12,7 +12,6 @@ than all the ledger work of an event.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import time
@@ -59,9 +58,6 @@ log = logging.getLogger(__name__)
 
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
-
-# Records the ledger agent makes before it sends them and lets the other agents run.
-YIELD_EVERY_RECORDS = 200
 
 
 class Source(Protocol):
@@ -281,23 +277,14 @@ def create_app(settings: Settings) -> faust.App:
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
             records: list[AttributedRecord] = []
-            unflushed = 0
             for source, data in raw_events((event.message for event in events), reject):
-                if len(records) >= YIELD_EVERY_RECORDS:
-                    # Records go out as they are made (the producer sends them while the batch goes
-                    # on), then the loop lets the budget agent and the consumer run: a budget sees
-                    # its spend without waiting for the rest of the batch. Nothing is held back from
-                    # a flush by this: every state message put so far has its outputs put too.
+                if len(records) >= settings.batch_max_events:
+                    # Bundles hold many events each: a backlog's batch is published and flushed in
+                    # slices of a batch's size, so the other agents run in between and what waits
+                    # in memory for the flush stays bounded.
                     publish(records)
-                    unflushed += len(records)
                     records = []
-                    if unflushed >= settings.batch_max_events:
-                        # Bundles hold many events each: a backlog's batch is also flushed in slices
-                        # of a batch's size, so what waits in memory for the flush stays bounded.
-                        unflushed = 0
-                        await outbox.flush()
-                    else:
-                        await asyncio.sleep(0)
+                    await outbox.flush()
                 try:
                     RawEvent.model_validate(data)
                 except (ValidationError, TypeError) as exc:
