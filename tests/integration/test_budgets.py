@@ -186,6 +186,8 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     assert alerts() == [50, 80, 95, 100]
 
     wait_until(lambda: not guard.check([tag]).allowed, what="the embedded guard to see the block")
+    # The API's guard is a consumer of its own: it sees the signal about when the embedded one does.
+    wait_until(lambda: not check(ledger, tag)["allowed"], what="POST /v1/check to see the block")
     decision = check(ledger, tag)
     assert decision["allowed"] is False and decision["blocked_by"][0]["tag"] == tag
     info = admin(ledger, "GET", "/tag/info", params={"names": tag}).json()[tag]
@@ -203,7 +205,7 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     r = admin(ledger, "POST", "/tag/update", json={"name": tag, "max_budget": 1})
     assert r.status_code == 200 and Decimal(str(r.json()["max_budget"])) == 1
     wait_until(lambda: guard.check([tag]).allowed, what="the block to lift after the raise")
-    assert check(ledger, tag)["allowed"] is True
+    wait_until(lambda: check(ledger, tag)["allowed"], what="POST /v1/check to see the lift")
 
     # Lower it again (blocked), then events stamped in the next window start it: spend starts again.
     admin(ledger, "POST", "/tag/update", json={"name": tag, "max_budget": "0.01"})
