@@ -238,6 +238,7 @@ def create_app(settings: Settings) -> faust.App:
         web_in_thread=False,
         **optional,
     )
+    rebalance.hold_cleared(app)
     raw_topic = app.topic(topics.raw, partitions=settings.topic_partitions)
     outbox = Outbox(settings.kafka_config())
     pending_calls = state_table(app, settings, "pending-calls", "Join state per request_id")

@@ -34,6 +34,10 @@ SKIPPED_UNACKED = Counter(
     "spendledger_worker_skipped_unacked",
     "Messages skipped by a stream mid-rebalance, left uncommitted to be read again",
 )
+CLEARED_ON_RESUME = Counter(
+    "spendledger_worker_cleared_on_resume",
+    "Messages faust-streaming cleared from a stream's queue when flow resumed, read again",
+)
 BUDGET_ENTRIES = Counter("spendledger_budget_entries", "Spend entries counted by the budget agent")
 BUDGET_DUPLICATES = Counter("spendledger_budget_duplicates", "Spend entries ignored as already counted")
 BUDGET_SIGNALS = Counter("spendledger_budget_signals", "Block-state messages sent", ["change"])

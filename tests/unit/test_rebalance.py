@@ -1,4 +1,5 @@
-"""processors/rebalance.py: the fetch loop drops what was fetched before a seek; skips are not committed.
+"""processors/rebalance.py: the fetch loop drops what was fetched before a seek; skips are not
+committed, and their partition is read again from the skipped offset.
 
 The fake consumer scripts one fetched batch and a seek landing in the middle of it, as
 faust-streaming's recovery does when it resumes partitions before seeking them.
@@ -42,6 +43,8 @@ class FakeConsumer:
         )
         self._stopped = Stopped()
         self._read_offset: dict[Any, int | None] = {TP: None}
+        self._committed_offset: dict[Any, int | None] = {}
+        self.skip: set[int] = set()  # offsets the stream skips (acknowledged untracked) on delivery
         self._commit_every = None
         self._n_acked = 0
         self.delivered: list[int] = []
@@ -73,6 +76,8 @@ class FakeConsumer:
 
     async def callback(self, message: Any) -> None:
         self.delivered.append(message.offset)
+        if message.offset in self.skip:
+            rebalance._hold(self, SimpleNamespace(tp=TP, offset=message.offset))
         if message.offset == self.seek_at and self.during_callback:
             self.the_seek()
 
@@ -150,6 +155,74 @@ def test_a_seek_with_no_committed_offset_seeks_the_partition_to_its_beginning() 
     assert consumer.delivered == [5] and consumer.reseeks == [0]
 
 
+def test_a_message_skipped_unprocessed_makes_the_fetch_loop_read_its_partition_again_from_it() -> None:
+    consumer = FakeConsumer([400, 401, 402, 403], seek_at=-1, target=0)
+    consumer._committed_offset[TP] = 400
+    consumer.skip = {401, 402}
+    drain(consumer)
+    assert consumer.delivered == [400, 401, 402, 403]
+    assert consumer.reseeks == [401] and consumer._read_offset[TP] == 401  # the lowest skipped offset
+    assert rebalance._holds(consumer) == {TP: 401} and rebalance._rewinds(consumer) == set()
+
+
+def test_a_skipped_copy_of_a_message_already_committed_changes_nothing() -> None:
+    consumer = FakeConsumer([], seek_at=-1, target=0)
+    consumer._committed_offset[TP] = 500
+    rebalance._hold(consumer, SimpleNamespace(tp=TP, offset=499))
+    assert rebalance._holds(consumer) == {} and rebalance._rewinds(consumer) == set()
+
+
+def test_a_hold_on_a_partition_revoked_since_is_dropped_without_a_seek() -> None:
+    consumer = FakeConsumer([400, 401], seek_at=-1, target=0)
+    consumer.skip = {400}
+    consumer.assigned = set()
+    drain(consumer)
+    assert consumer.reseeks == [] and rebalance._holds(consumer) == {}
+
+
+def held_consumer(committed: int, hold: int, acked: list[int]) -> Any:
+    return SimpleNamespace(
+        _acked={TP: list(acked)},
+        _acked_index={TP: set(acked)},
+        _gap={TP: None},
+        _committed_offset={TP: committed},
+        _spendledger_holds={TP: hold},
+    )
+
+
+def test_commits_stop_at_a_hold_even_where_faust_would_pass_one_missing_offset() -> None:
+    rebalance.install()
+    from faust.transport.consumer import Consumer
+
+    # faust commits 9..12 over a missing 8 when 8 is the committed offset: it tolerates a gap of one.
+    consumer = held_consumer(committed=8, hold=8, acked=[9, 10, 11, 12])
+    assert Consumer._new_offset(consumer, TP) == 8  # type: ignore[arg-type]
+    consumer = held_consumer(committed=8, hold=10, acked=[8, 9, 10, 11, 12])
+    assert Consumer._new_offset(consumer, TP) == 10  # type: ignore[arg-type]
+    # Committed past the hold (by the partition's other owner, before it came back): the hold goes.
+    consumer = held_consumer(committed=20, hold=10, acked=[20, 21])
+    assert Consumer._new_offset(consumer, TP) == 22 and consumer._spendledger_holds == {}  # type: ignore[arg-type]
+
+
+def test_processing_the_held_message_releases_the_hold() -> None:
+    rebalance.install()
+    from faust.transport.consumer import Consumer
+
+    consumer = SimpleNamespace(
+        app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True)),
+        _committed_offset={TP: 8},
+    )
+    skipped = SimpleNamespace(tracked=False, topic=TP.topic, offset=8, tp=TP, acked=False)
+    assert Consumer.ack(consumer, skipped) is False  # type: ignore[arg-type]
+    assert rebalance._holds(consumer) == {TP: 8} and rebalance._rewinds(consumer) == {TP}
+    later = SimpleNamespace(tracked=True, topic=TP.topic, offset=9, tp=TP, acked=True)  # acked: faust's no-op
+    Consumer.ack(consumer, later)  # type: ignore[arg-type]
+    assert rebalance._holds(consumer) == {TP: 8}
+    again = SimpleNamespace(tracked=True, topic=TP.topic, offset=8, tp=TP, acked=True)
+    Consumer.ack(consumer, again)  # type: ignore[arg-type]
+    assert rebalance._holds(consumer) == {}
+
+
 def test_a_message_skipped_before_a_stream_took_it_is_not_acknowledged() -> None:
     rebalance.install()
     from faust.transport.consumer import Consumer
@@ -171,3 +244,38 @@ def test_install_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(faust, "__version__", "0.16.0")
     with pytest.raises(RuntimeError, match="0.15.3"):
         rebalance.install()
+
+
+def test_messages_a_resume_clears_from_a_stream_queue_are_held_and_read_again() -> None:
+    """faust clears the stream queues when flow resumes, after seeking to the committed offsets:
+    records fetched from there in between were dropped with the position past them. This uses
+    faust's own app, flow control and queues (no broker is contacted)."""
+    import faust
+
+    async def scenario() -> tuple[int, dict[Any, int], set[Any]]:
+        rebalance.install()
+        app = faust.App("test-hold-cleared", broker="kafka://127.0.0.1:9", store="memory://")
+        raw = app.topic(TP.topic, value_serializer="raw")
+        changelog = app.topic("test-hold-cleared-pending-calls-changelog", value_serializer="raw")
+        app.topics._acking_topics.add(TP.topic)  # what subscribing an agent to the topic does
+        rebalance.hold_cleared(app)
+        app.consumer._committed_offset[TP] = 5
+        app.flow_control.resume()
+
+        def event(topic: str, partition: int, offset: int) -> Any:
+            tp = TopicPartition(topic, partition)
+            return SimpleNamespace(message=SimpleNamespace(tp=tp, topic=topic, offset=offset, tracked=False))
+
+        for offset in (7, 6):
+            await raw.queue.put(event(TP.topic, TP.partition, offset))
+        await raw.queue.put(event(TP.topic, 3, 4))  # partition 3: no committed offset known
+        await changelog.queue.put(event(changelog.get_topic_name(), 1, 3))
+        app.flow_control.suspend()  # a rebalance
+        app.flow_control.resume()  # ...and the resume that clears the queues
+        consumer = app.consumer
+        return len(raw.queue._queue), rebalance._holds(consumer), rebalance._rewinds(consumer)
+
+    left, holds, rewinds = asyncio.run(scenario())
+    assert left == 0  # faust did clear the queue
+    other = TopicPartition(TP.topic, 3)
+    assert holds == {TP: 6, other: 4} and rewinds == {TP, other}  # the changelog's acks are off: no hold
