@@ -7,7 +7,7 @@ partition. Prints per run: rows, lost, doubled, how long the last event took to
 land, and the survivor's rebalance counters (records fetched before a seek and
 dropped, messages skipped mid-rebalance and left uncommitted).
 
-    .venv/bin/python bench/rebalance_soak.py [--runs 20] [--events 2000]
+    .venv/bin/python bench/rebalance_soak.py [--runs 20] [--events 2000] [--set NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def completed(run: str, i: int, tags: str | None = None) -> dict[str, Any]:
     return event
 
 
-def one_run(n_events: int) -> dict[str, Any]:
-    with embedded_system(SPENDLEDGER_WORKER_PROCESSES="2", SPENDLEDGER_LOG_LEVEL="WARNING") as system:
+def one_run(n_events: int, overrides: dict[str, str]) -> dict[str, Any]:
+    settings = {"SPENDLEDGER_WORKER_PROCESSES": "2", "SPENDLEDGER_LOG_LEVEL": "WARNING", **overrides}
+    with embedded_system(**settings) as system:
         client = Client(system)
         warm = f"warm_{uuid.uuid4().hex[:8]}"
         team = f"team:{warm}"
@@ -127,10 +128,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a setting, e.g. BATCH_WITHIN_S=0.02"
+    )
     args = parser.parse_args()
+    overrides = dict(f"SPENDLEDGER_{item}".split("=", 1) for item in args.set)
     results = []
     for k in range(args.runs):
-        result = one_run(args.events)
+        result = one_run(args.events, overrides)
         results.append(result)
         print(
             f"run {k + 1:>3} / {args.runs}: rows {result['rows']:,}, lost {result['lost']}, doubled {result['doubled']}, "
