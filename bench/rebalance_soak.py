@@ -5,7 +5,8 @@ Each run starts a fresh embedded system with two Faust workers, lands a warm-up
 events in batches and kills worker-2 halfway. The survivor takes every
 partition. Prints per run: rows, lost, doubled, how long the last event took to
 land, and the survivor's rebalance counters (records fetched before a seek and
-dropped, messages skipped mid-rebalance and left uncommitted).
+dropped, messages skipped mid-rebalance, messages cleared from a stream's queue
+on resume; each of the last two read again).
 
     .venv/bin/python bench/rebalance_soak.py [--runs 20] [--events 2000] [--set NAME=VALUE ...]
 """
@@ -121,6 +122,7 @@ def one_run(n_events: int, overrides: dict[str, str]) -> dict[str, Any]:
             "landed_s": waited,
             "stale_fetches": metric(system, "worker", "spendledger_worker_stale_fetches_total"),
             "skipped_unacked": metric(system, "worker", "spendledger_worker_skipped_unacked_total"),
+            "cleared": metric(system, "worker", "spendledger_worker_cleared_on_resume_total"),
         }
 
 
@@ -140,7 +142,7 @@ def main() -> None:
         print(
             f"run {k + 1:>3} / {args.runs}: rows {result['rows']:,}, lost {result['lost']}, doubled {result['doubled']}, "
             f"landed in {result['landed_s']:.1f} s; stale fetches {result['stale_fetches']:.0f}, "
-            f"skipped mid-rebalance {result['skipped_unacked']:.0f}",
+            f"skipped mid-rebalance {result['skipped_unacked']:.0f}, cleared on resume {result['cleared']:.0f}",
             flush=True,
         )
     print()
@@ -149,7 +151,8 @@ def main() -> None:
     doubled = sum(r["doubled"] for r in results)
     print(
         f"{len(results)} runs, {len(results) * args.events:,} events, {len(results)} kills: "
-        f"{lost} lost, {doubled} doubled; runs with stale fetches: {sum(1 for r in results if r['stale_fetches'])}"
+        f"{lost} lost, {doubled} doubled; runs with stale fetches: {sum(1 for r in results if r['stale_fetches'])}, "
+        f"with skips: {sum(1 for r in results if r['skipped_unacked'])}, with clears: {sum(1 for r in results if r['cleared'])}"
     )
 
 
