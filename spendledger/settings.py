@@ -70,8 +70,8 @@ class Settings(BaseSettings):
     join_done_retention_s: float = Field(default=600.0, gt=0)
     join_sweep_interval_s: float = Field(default=1.0, gt=0)
     batch_max_events: int = Field(default=2000, ge=1)
-    batch_within_s: float = Field(default=0.05, gt=0)
-    worker_fetch_wait_ms: int = Field(default=100, ge=10, le=1500)
+    batch_within_s: float = Field(default=0.02, gt=0)
+    worker_fetch_wait_ms: int = Field(default=50, ge=10, le=1500)
     price_overrides_file: Path | None = None
     user_id_hmac_key: SecretStr | None = None
     max_tags: int = Field(default=50, ge=1)
