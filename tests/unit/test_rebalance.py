@@ -204,7 +204,7 @@ def test_commits_stop_at_a_hold_even_where_faust_would_pass_one_missing_offset()
     assert Consumer._new_offset(consumer, TP) == 22 and consumer._spendledger_holds == {}  # type: ignore[arg-type]
 
 
-def test_processing_the_held_message_releases_the_hold() -> None:
+def test_a_skipped_message_is_not_acknowledged_and_held_until_it_is_processed() -> None:
     rebalance.install()
     from faust.transport.consumer import Consumer
 
@@ -214,6 +214,7 @@ def test_processing_the_held_message_releases_the_hold() -> None:
     )
     skipped = SimpleNamespace(tracked=False, topic=TP.topic, offset=8, tp=TP, acked=False)
     assert Consumer.ack(consumer, skipped) is False  # type: ignore[arg-type]
+    assert skipped.acked is False  # faust's own ack (which sets it) never ran: the offset stays uncommitted
     assert rebalance._holds(consumer) == {TP: 8} and rebalance._rewinds(consumer) == {TP}
     later = SimpleNamespace(tracked=True, topic=TP.topic, offset=9, tp=TP, acked=True)  # acked: faust's no-op
     Consumer.ack(consumer, later)  # type: ignore[arg-type]
@@ -221,19 +222,6 @@ def test_processing_the_held_message_releases_the_hold() -> None:
     again = SimpleNamespace(tracked=True, topic=TP.topic, offset=8, tp=TP, acked=True)
     Consumer.ack(consumer, again)  # type: ignore[arg-type]
     assert rebalance._holds(consumer) == {}
-
-
-def test_a_message_skipped_before_a_stream_took_it_is_not_acknowledged() -> None:
-    rebalance.install()
-    from faust.transport.consumer import Consumer
-
-    consumer = SimpleNamespace(
-        app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True)),
-        _committed_offset={TP: 10},
-    )
-    skipped = SimpleNamespace(tracked=False, topic=TP.topic, offset=12, tp=TP, acked=False)
-    assert Consumer.ack(consumer, skipped) is False  # type: ignore[arg-type]
-    assert skipped.acked is False  # faust's own ack (which sets it) never ran: the offset stays uncommitted
 
 
 def test_install_refuses_another_faust_version(monkeypatch: pytest.MonkeyPatch) -> None:
