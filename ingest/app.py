@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from ingest.errors import (
     FRAMEWORK_CODES,
     ApiError,
     BrokerUnavailableError,
+    Draining,
     Forbidden,
     InvalidEvent,
     InvalidJson,
@@ -40,7 +42,7 @@ from ingest.publisher import EventPublisher
 from ingest.sql import QueryEngine, QueryLimits
 from ledger.errors import UsageError
 from ledger.usage import parse_usage
-from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent
+from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent, time_bounds
 from spendledger.errors import BrokerUnavailable
 from spendledger.settings import Settings, key_matches
 
@@ -110,6 +112,11 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     budgets: BudgetServices | None = None
     reports: ReportStore | None = None
+    # Set when the service stops: new events are refused (503, Retry-After) while what was
+    # acknowledged drains; /readyz says so.
+    draining: threading.Event = field(default_factory=threading.Event)
+    # Why the service cannot make progress (e.g. the sink), for /readyz; None when it can.
+    stuck: Callable[[], str | None] = lambda: None
 
 
 def create_app(services: Services) -> FastAPI:
@@ -214,8 +221,14 @@ def create_app(services: Services) -> FastAPI:
     ) -> AcceptedResponse:
         """One event, or `{"events": [...]}` (up to 1000). 202 only after Kafka acknowledged every event."""
         started = time.perf_counter()
-        events = _parse_events(await _read_body(request, settings.max_body_bytes))
+        if services.draining.is_set():
+            raise Draining(
+                "the ledger is stopping; nothing was acknowledged, retry with the same event ids",
+                retry_after_s=settings.retry_after_s,
+            )
+        body = await _read_body(request, settings.max_body_bytes)
         received_at = datetime.now(UTC)
+        events = _parse_events(body, time_bounds(received_at, settings.max_future_skew_s))
         published = [sanitize(e, received_at=received_at) for e in events]
         try:
             partitions = await services.publisher.partition_count(settings.topics.raw)
@@ -261,13 +274,17 @@ def create_app(services: Services) -> FastAPI:
             services.budgets.registry.staleness_s is not None
             and services.budgets.guard.staleness_s is not None
         )
-        ready = kafka and clickhouse and budgets
-        body = {
-            "status": "ready" if ready else "not_ready",
+        stuck = services.stuck()
+        draining = services.draining.is_set()
+        ready = kafka and clickhouse and budgets and stuck is None and not draining
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "draining" if draining else "not_ready",
             "kafka": kafka,
             "clickhouse": clickhouse,
             "budgets": budgets,
         }
+        if stuck is not None:
+            body["stuck"] = stuck
         return JSONResponse(body, 200 if ready else 503)
 
     @app.get("/ui", include_in_schema=False)
@@ -328,16 +345,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_events(body: bytes) -> list[RawEvent]:
+def _parse_events(body: bytes, context: dict[str, Any]) -> list[RawEvent]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from exc
     try:
         if isinstance(data, dict) and "events" in data:
-            events = EventBatch.model_validate(data).events
+            events = EventBatch.model_validate(data, context=context).events
         elif isinstance(data, dict):
-            events = [RawEvent.model_validate(data)]
+            events = [RawEvent.model_validate(data, context=context)]
         else:
             raise InvalidEvent(
                 f'send one event object or {{"events": [...]}} with up to {MAX_BATCH_EVENTS} events'

@@ -65,6 +65,12 @@ class BrokerUnavailableError(ApiError):
     code = "broker_unavailable"
 
 
+class Draining(ApiError):
+    """The service is stopping: nothing was acknowledged, retry with the same event ids shortly."""
+
+    code = "draining"
+
+
 class StorageUnavailableError(ApiError):
     """ClickHouse cannot be reached."""
 
@@ -110,6 +116,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     PayloadTooLarge: 413,
     QueryLimitExceeded: 422,
     BrokerUnavailableError: 503,
+    Draining: 503,
     StorageUnavailableError: 503,
     InvalidBudget: 422,
     NotFound: 404,

@@ -16,6 +16,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +29,6 @@ from ledger import (
     Attributor,
     JoinedCall,
     JoinTimeouts,
-    LedgerError,
     PendingCall,
     PriceBook,
     next_tick_ms,
@@ -50,7 +50,7 @@ from processors.budgets import (
 from processors.deadletter import dead_letter, describe
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition, TagSpend
-from schemas.events import RawEvent
+from schemas.events import RawEvent, time_bounds
 from schemas.records import AttributedRecord
 from spendledger.settings import Settings
 
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
+Attributed = tuple[AttributedRecord, bytes]  # a record and its `spend.attributed` value
 
 
 class Source(Protocol):
@@ -248,13 +249,17 @@ def create_app(settings: Settings) -> faust.App:
 
     reject = rejecter(outbox, topics.dead_letter)
 
-    def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[AttributedRecord]:
+    def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[Attributed]:
         records = []
         for call in calls:
             metrics.child(metrics.CALLS_JOINED, call.join_kind).inc()
             try:
                 record = attributor.record(call)
-            except (LedgerError, ValidationError, ValueError, KeyError, TypeError) as exc:
+                # Serialized, and its spend by tag built, here: a record that cannot be published is
+                # this call's reject alone, not its batch's crash (DESIGN §9.7).
+                value = record.model_dump_json().encode()
+                tag_spend_entries([record])
+            except Exception as exc:
                 reject(
                     "attribute", source or TimedOut(topics.raw, call), f"cannot attribute: {describe(exc)}"
                 )
@@ -262,14 +267,15 @@ def create_app(settings: Settings) -> faust.App:
             for entry in record.invalid_tags:
                 metrics.child(metrics.INVALID_TAGS, entry.partition("|")[0]).inc()
             metrics.child(metrics.RECORDS_OUT, record.price_source).inc()
-            records.append(record)
+            records.append((record, value))
         return records
 
-    def publish(records: list[AttributedRecord]) -> None:
+    def publish(records: list[Attributed]) -> None:
         """The records, then their spend by tag in one bundle per partition (the budgets' input)."""
-        for record in records:
-            outbox.put(topics.attributed, record.request_id.encode(), record.model_dump_json().encode())
-        for key, value, partition in tag_spend_messages(records, settings.topic_partitions):
+        for record, value in records:
+            outbox.put(topics.attributed, record.request_id.encode(), value)
+        spend = tag_spend_messages([record for record, _ in records], settings.topic_partitions)
+        for key, value, partition in spend:
             outbox.put(topics.tag_spend, key, value, partition)
 
     @app.agent(raw_topic, concurrency=1)
@@ -277,7 +283,8 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
-            records: list[AttributedRecord] = []
+            bounds = time_bounds(datetime.fromtimestamp(now_ms / 1000, UTC), settings.max_future_skew_s)
+            records: list[Attributed] = []
             for source, data in raw_events((event.message for event in events), reject):
                 if len(records) >= settings.batch_max_events:
                     # Bundles hold many events each: a backlog's batch is published and flushed in
@@ -286,17 +293,23 @@ def create_app(settings: Settings) -> faust.App:
                     publish(records)
                     records = []
                     await outbox.flush()
+                # The same bounds as the API's, against this worker's clock: other producers write
+                # spend.raw directly. A value the steps below cannot handle rejects its event alone.
                 try:
-                    RawEvent.model_validate(data)
-                except (ValidationError, TypeError) as exc:
+                    RawEvent.model_validate(data, context=bounds)
+                except Exception as exc:
                     reject("join", source, f"invalid raw event: {describe(exc)}")
                     continue
                 metrics.child(metrics.EVENTS_IN, data["kind"]).inc()
-                key = data["request_id"].encode()
-                step = on_event(state.get(key), data, partition=source.partition, now_ms=now_ms)
+                try:
+                    key = data["request_id"].encode()
+                    step = on_event(state.get(key), data, partition=source.partition, now_ms=now_ms)
+                    state.apply(key, step, source.partition)
+                except Exception as exc:
+                    reject("join", source, f"cannot join: {describe(exc)}")
+                    continue
                 if step.duplicate:
                     metrics.DUPLICATES.inc()
-                state.apply(key, step, source.partition)
                 records += attribute(step.emitted, source)
             publish(records)
             await outbox.flush()
@@ -317,7 +330,7 @@ def create_app(settings: Settings) -> faust.App:
         """Expire pending calls whose partner never came; forget old done markers."""
         assigned = assigned_raw()
         now_ms = int(time.time() * 1000)
-        records: list[AttributedRecord] = []
+        records: list[Attributed] = []
         for key, current in state.due(now_ms):
             if current.partition not in assigned:
                 continue  # another worker's now; a recovery indexes it again if it comes back
@@ -479,14 +492,17 @@ def install_budgets(app: faust.App, settings: Settings) -> None:
             started = time.perf_counter()
             touched: dict[str, bool] = {}
             deleted: list[tuple[str, Any, Any]] = []
+            last_message: dict[str, Any] = {}  # per tag, the message a failure to evaluate is reported on
+            # Any error is one message's (or one tag's) reject, never the agent's crash (DESIGN §9.7).
             for event in events:
                 message = event.message
                 try:
                     spends = read_tag_spend(message.key, message.value)
-                except ValueError as exc:  # pydantic's ValidationError and orjson's errors are ValueErrors
+                except Exception as exc:
                     reject("budgets", message, f"cannot apply to a budget: {describe(exc)}")
                     continue
                 for tag, spend in spends:
+                    last_message[tag] = message
                     try:
                         account = store.account(tag, message.partition)
                         if isinstance(spend, TagSpend) and spend.type == "budget":
@@ -505,19 +521,27 @@ def install_budgets(app: faust.App, settings: Settings) -> None:
                         metrics.BUDGET_ENTRIES.inc(counted)
                         metrics.BUDGET_DUPLICATES.inc(len(items) - counted)
                         touched.setdefault(tag, False)
-                    except (LedgerError, ValueError) as exc:
+                    except Exception as exc:
                         reject("budgets", message, f"cannot apply to {tag!r}'s budget: {describe(exc)}")
             now_ms = int(time.time() * 1000)
             for tag, status, rule in deleted:
-                signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(
-                    update={"blocked": False}
-                )
+                try:
+                    signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(
+                        update={"blocked": False}
+                    )
+                    value = signal.model_dump_json().encode()
+                except Exception as exc:
+                    reject("budgets", last_message[tag], f"cannot delete {tag!r}'s budget: {describe(exc)}")
+                    continue
                 metrics.BUDGET_SIGNALS.labels("deleted").inc()
-                outbox.put(topics.budget_blocks, tag.encode(), signal.model_dump_json().encode())
+                outbox.put(topics.budget_blocks, tag.encode(), value)
             for tag, rule_changed in touched.items():
-                account = store.accounts[tag]
-                publish(tag, account.evaluate(now_ms), now_ms)
-                store.persist(account, rule=rule_changed)
+                try:
+                    account = store.accounts[tag]
+                    publish(tag, account.evaluate(now_ms), now_ms)
+                    store.persist(account, rule=rule_changed)
+                except Exception as exc:
+                    reject("budgets", last_message[tag], f"cannot evaluate {tag!r}'s budget: {describe(exc)}")
             await outbox.flush()
             metrics.BUDGET_TAGS.set(len(store.accounts))
             metrics.BATCH_SECONDS.labels("budgets").observe(time.perf_counter() - started)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import orjson
+from pydantic import ValidationError
 
 MAX_PAYLOAD_CHARS = 65_536
 
@@ -28,5 +29,12 @@ def dead_letter(
 
 def describe(exc: Exception) -> str:
     """A one-line reason for an exception (never the payload itself)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        # Its first line only counts the errors: name the first one's field and rule instead.
+        errors = exc.errors(include_input=False, include_url=False)
+        where = ".".join(str(p) for p in errors[0]["loc"]) or "value"
+        rule = errors[0]["msg"].removeprefix("Value error, ")
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"ValidationError: {where}: {rule}{more}"[:1000]
     first = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {first}"[:1000]

@@ -23,7 +23,14 @@ Order of one flush, and what a crash at each point leaves (DESIGN §9):
 6. Commit the offsets to Kafka. A failure here is harmless for the same reason.
 
 A failed INSERT (ClickHouse down) leaves the batch in memory and is retried
-with backoff; nothing is committed until it lands.
+with backoff; nothing is committed until it lands. No single value halts the
+sink (DESIGN §9.7): a message that cannot be planned (decoded, or a record
+ClickHouse cannot store or look up) is a reject at step 2; a batch whose INSERT
+fails FLUSH_ATTEMPTS times while ClickHouse answers a ping is landed apart
+(`land_apart`): each table's rows in halves, down to the rows ClickHouse
+refuses alone, which become rejects with its reason. While the ping fails,
+the batch is only retried: an outage never turns rows into rejects.
+`Sink.stuck_reason` says why the sink is not landing (None when it is).
 """
 
 from __future__ import annotations
@@ -34,15 +41,15 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
-from pydantic import ValidationError
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from processors import metrics
 from processors.deadletter import describe
 from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
+from schemas.events import MAX_ID_CHARS
 from schemas.records import AttributedRecord, Reject
 from schemas.topics import Topics
 from spendledger.settings import Settings
@@ -60,6 +67,13 @@ BUDGET_EVENT_COLUMNS = [
     "window_start", "window_end", "alert_id", "soft_budget_usd",
 ]  # fmt: skip
 TopicPartitionKey = tuple[str, int]
+
+# Failed landings of one batch, with ClickHouse answering, before the batch is landed apart.
+FLUSH_ATTEMPTS = 3
+# What ClickHouse's DateTime64 holds: a record dated outside cannot be stored or looked up as sent.
+EARLIEST_STORABLE = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_STORABLE = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
+MAX_PAYLOAD_CHARS = 65_536
 
 
 @dataclass(frozen=True)
@@ -84,11 +98,35 @@ class Landing:
     next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
     replayed: int = 0
     duplicates: int = 0
+    # The message each row came from, by (table, row index): a row ClickHouse refuses is rejected with it.
+    origins: dict[tuple[str, int], Message] = field(default_factory=dict)
+    # Set on a part of a landing landed apart: the part's own deduplication token.
+    label: str = ""
 
     def token(self, group: str) -> str:
         """Deterministic id of this landing, for ClickHouse's insert deduplication."""
+        if self.label:
+            return self.label
         spans = ",".join(f"{t}/{p}:{o}" for (t, p), o in sorted(self.next_offsets.items()))
         return hashlib.sha256(f"{group}|{spans}".encode()).hexdigest()
+
+    def rows(self, table: str) -> list[Any]:
+        tables: dict[str, list[Any]] = {
+            "spend_records": self.records,
+            "spend_rejects": self.rejects,
+            "tag_budgets": self.budgets,
+            "budget_events": self.budget_events,
+        }
+        return tables[table]
+
+    def part(self, table: str, start: int, end: int, label: str) -> Landing:
+        """Rows start..end of one table, alone, without offsets."""
+        part = Landing(label=label)
+        part.rows(table).extend(self.rows(table)[start:end])
+        return part
+
+
+LANDED_TABLES = ("spend_records", "spend_rejects", "tag_budgets", "budget_events")
 
 
 class LedgerStore(Protocol):
@@ -102,6 +140,10 @@ class LedgerStore(Protocol):
 
     def land(self, landing: Landing, group: str) -> None: ...
 
+    def ping(self) -> bool:
+        """True when the store answers a trivial query (it is up, whatever it thinks of our rows)."""
+        ...
+
 
 def plan_landing(
     messages: Iterable[Message],
@@ -111,10 +153,17 @@ def plan_landing(
     store: LedgerStore,
     lookback: timedelta = timedelta(days=1),
 ) -> Landing:
-    """Steps 1-3 of the flush: what to write for these messages."""
+    """Steps 1-3 of the flush: what to write for these messages. Any error planning one message makes
+    that message a reject (DESIGN §9.7)."""
     landing = Landing()
-    candidates: dict[str, AttributedRecord] = {}
-    alerts: dict[str, list[Any]] = {}
+    candidates: dict[str, tuple[AttributedRecord, Message]] = {}
+    alerts: dict[str, tuple[list[Any], Message]] = {}
+
+    def keep(table: str, row: Any, message: Message) -> None:
+        rows = landing.rows(table)
+        landing.origins[(table, len(rows))] = message
+        rows.append(row)
+
     for message in messages:
         tp = (message.topic, message.partition)
         if message.offset < landed.get(tp, -1):
@@ -123,7 +172,7 @@ def plan_landing(
         landing.next_offsets[tp] = max(landing.next_offsets.get(tp, 0), message.offset + 1)
         try:
             if message.topic == topics.budgets:
-                landing.budgets.append(_budget_row(message))
+                keep("tag_budgets", _budget_row(message), message)
                 continue
             if message.value is None:
                 if message.topic == topics.budget_blocks:
@@ -132,41 +181,131 @@ def plan_landing(
             if message.topic == topics.budget_blocks:
                 signal = BlockSignal.model_validate_json(message.value)
                 if signal.change != "update":
-                    landing.budget_events.append(_block_row(signal))
+                    keep("budget_events", _block_row(signal), message)
             elif message.topic == topics.budget_alerts:
                 alert = BudgetAlert.model_validate_json(message.value)
-                alerts.setdefault(alert.alert_id, _alert_row(alert))
+                if len(alert.alert_id) > MAX_ID_CHARS:  # looked up in a query of bounded size
+                    raise ValueError(f"alert_id is longer than {MAX_ID_CHARS} characters")
+                alerts.setdefault(alert.alert_id, (_alert_row(alert), message))
             elif message.topic == topics.attributed:
                 record = AttributedRecord.model_validate_json(message.value)
-                if record.event_id in candidates:
+                problem = unstorable(record)
+                if problem is not None:
+                    landing.rejects.append(rejected(message, f"sink cannot land: {problem}"))
+                elif record.event_id in candidates:
                     landing.duplicates += 1
                 else:
-                    candidates[record.event_id] = record
+                    candidates[record.event_id] = (record, message)
             else:
-                landing.rejects.append(Reject.model_validate_json(message.value))
-        except (ValidationError, ValueError) as exc:
-            landing.rejects.append(
-                Reject(
-                    source_topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    reason=f"sink cannot decode: {describe(exc)}",
-                    payload=(message.value or b"").decode("utf-8", "replace")[:65_536],
-                    rejected_at=datetime.now().astimezone(),
-                )
-            )
+                keep("spend_rejects", Reject.model_validate_json(message.value), message)
+        except Exception as exc:
+            landing.rejects.append(rejected(message, f"sink cannot decode: {describe(exc)}"))
     if candidates:
-        times = [r.occurred_at for r in candidates.values()]
-        # Whole seconds around the bounds: a query parameter may carry no milliseconds.
-        start = min(times) - lookback - timedelta(seconds=1)
-        existing = store.existing_event_ids(list(candidates), start, max(times) + timedelta(seconds=1))
+        times = [r.occurred_at for r, _ in candidates.values()]
+        # Whole seconds around the bounds (a query parameter may carry no milliseconds), held inside
+        # what ClickHouse parses: a long look-back must not overflow or leave its range.
+        start = max(_shifted(min(times), -lookback - timedelta(seconds=1)), EARLIEST_STORABLE)
+        end = min(_shifted(max(times), timedelta(seconds=1)), LATEST_STORABLE)
+        existing = store.existing_event_ids(list(candidates), start, end)
         landing.duplicates += len(existing)
-        landing.records = [r for event_id, r in candidates.items() if event_id not in existing]
+        for event_id, (record, message) in candidates.items():
+            if event_id not in existing:
+                keep("spend_records", record, message)
     if alerts:
         existing = store.existing_alert_ids(list(alerts))
         landing.duplicates += len(existing)
-        landing.budget_events += [row for alert_id, row in alerts.items() if alert_id not in existing]
+        for alert_id, (row, message) in alerts.items():
+            if alert_id not in existing:
+                keep("budget_events", row, message)
     return landing
+
+
+def unstorable(record: AttributedRecord) -> str | None:
+    """Why ClickHouse cannot hold this record as sent, or look it up (None: it can)."""
+    for name in ("occurred_at", "received_at"):
+        at: datetime = getattr(record, name)
+        if not EARLIEST_STORABLE <= at <= LATEST_STORABLE:
+            return f"{name} {at.isoformat()} is outside what ClickHouse stores (years 1900 to 2299)"
+    if len(record.event_id) > MAX_ID_CHARS or not _encodable(record.event_id):
+        return f"event_id is not up to {MAX_ID_CHARS} characters of UTF-8"
+    return None
+
+
+def rejected(message: Message, reason: str) -> Reject:
+    """The `spend_rejects` row for a message the sink cannot land."""
+    return Reject(
+        source_topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        reason=_plain(reason),
+        payload=(message.value or b"").decode("utf-8", "replace")[:MAX_PAYLOAD_CHARS],
+        rejected_at=datetime.now(UTC),
+    )
+
+
+def land_apart(store: LedgerStore, landing: Landing, group: str) -> list[tuple[str, Reject]]:
+    """Land a landing ClickHouse refused as a whole: each table's rows in halves, down to the rows it
+    refuses alone, which land as rejects with its reason; then the offsets. Returns (table, reject) for
+    each refused row.
+
+    Every part has its own deduplication token, derived from the landing's, so a replay of the same
+    batch lands the same parts once. Raises as soon as ClickHouse stops answering a ping: an outage is
+    retried, never taken for bad rows. A reject ClickHouse refuses too means spend_rejects itself is
+    failing, not one row: that raises as well (retried, nothing lost).
+    """
+    base = landing.token(group)
+    refused: list[tuple[str, Reject]] = []
+    for table in LANDED_TABLES:
+        for index, exc in _refused_rows(store, landing, table, 0, len(landing.rows(table)), base, group):
+            origin = landing.origins.get((table, index))
+            if origin is None:  # a landing built without its messages: the row itself is the payload
+                origin = Message("", -1, -1, _plain(repr(landing.rows(table)[index])).encode())
+            refused.append((table, rejected(origin, f"ClickHouse refused the {table} row: {describe(exc)}")))
+    if refused:
+        store.land(Landing(rejects=[r for _, r in refused], label=f"{base}:refused"), group)
+    store.land(Landing(next_offsets=landing.next_offsets, label=f"{base}:offsets"), group)
+    return refused
+
+
+def _refused_rows(
+    store: LedgerStore, landing: Landing, table: str, start: int, end: int, base: str, group: str
+) -> list[tuple[int, Exception]]:
+    """Land rows start..end of one table; the index and error of each row refused alone."""
+    if start == end:
+        return []
+    try:
+        store.land(landing.part(table, start, end, f"{base}:{table}:{start}-{end}"), group)
+        return []
+    except Exception as exc:
+        if not store.ping():
+            raise
+        if end - start == 1:
+            return [(start, exc)]
+    middle = (start + end) // 2
+    return _refused_rows(store, landing, table, start, middle, base, group) + _refused_rows(
+        store, landing, table, middle, end, base, group
+    )
+
+
+def _shifted(at: datetime, delta: timedelta) -> datetime:
+    """`at + delta`, held at the end of datetime's range instead of overflowing."""
+    try:
+        return at + delta
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC) if delta > timedelta(0) else datetime.min.replace(tzinfo=UTC)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(text: str) -> str:
+    """Text that encodes as UTF-8 (a lone surrogate, which ClickHouse's client cannot send, becomes "?")."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _budget_row(message: Message) -> list[Any]:
@@ -279,14 +418,32 @@ class ClickHouseStore:
         }
         self._client.insert(table, rows, column_names=columns, settings=settings)
 
+    def ping(self) -> bool:
+        try:
+            self._client.command("SELECT 1")
+        except Exception:  # any error: not answering
+            return False
+        return True
+
+
+def landed_offsets_key(group: str, cluster_id: str | None) -> str:
+    """Where the landed offsets of `group` on this cluster are kept (`sink_offsets.consumer_group`)."""
+    return f"{group}@{cluster_id}" if cluster_id else group
+
 
 class Sink:
     """Consumes spend.attributed and spend.dead-letter and lands them (see the module docstring)."""
 
+    # Why the sink is not landing (for readiness), None while it is; set by `_flush_with_retry`.
+    stuck_reason: str | None = None
+
     def __init__(self, settings: Settings, store: LedgerStore) -> None:
         self.settings = settings
         self.store = store
-        self.group = f"{settings.topic_prefix}spendledger-sink"
+        self.consumer_group = settings.topics.sink_group
+        # The key of the landed offsets in ClickHouse: the group on one Kafka cluster (`run` adds the
+        # cluster id; an embedded broker is a new cluster at every start, its logs starting from 0).
+        self.group = self.consumer_group
         t = settings.topics
         self.topics = [t.attributed, t.dead_letter, t.budgets, t.budget_blocks, t.budget_alerts]
         self._landed: dict[TopicPartitionKey, int] = {}
@@ -310,7 +467,7 @@ class Sink:
         consumer = Consumer(
             self.settings.kafka_config(
                 **{
-                    "group.id": self.group,
+                    "group.id": self.consumer_group,
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
                     "session.timeout.ms": int(self.settings.broker_session_timeout_s * 1000),
@@ -319,6 +476,16 @@ class Sink:
                 }
             )
         )
+        while True:  # the broker may not answer yet: the offsets' key needs its cluster id
+            try:
+                cluster_id = consumer.list_topics(timeout=10).cluster_id
+                break
+            except KafkaException as exc:
+                log.warning("sink cannot reach Kafka; retrying", extra={"error": describe(exc)})
+                if self._stop.wait(1.0):
+                    consumer.close()
+                    return
+        self.group = landed_offsets_key(self.consumer_group, cluster_id)
         consumer.subscribe(self.topics, on_assign=self._on_assign)
         buffer: list[Any] = []
         first_at = 0.0
@@ -346,24 +513,31 @@ class Sink:
             consumer.close()
 
     def _flush_with_retry(self, consumer: Any, buffer: list[Any]) -> None:
+        """Flush until the batch lands. After FLUSH_ATTEMPTS failures it is landed apart, so rows
+        ClickHouse refuses become rejects; while ClickHouse does not answer, it is only retried."""
+        messages = [Message(m.topic(), m.partition(), m.offset(), m.value(), m.key()) for m in buffer]
         delay = 0.2
+        failures = 0
         while True:
             try:
-                self.flush(
-                    consumer,
-                    [Message(m.topic(), m.partition(), m.offset(), m.value(), m.key()) for m in buffer],
-                )
+                self.flush(consumer, messages, apart=failures >= FLUSH_ATTEMPTS)
                 self.healthy = True
+                self.stuck_reason = None
                 return
             except Exception as exc:  # ClickHouse errors come in many types; retry them all
+                failures += 1
                 metrics.SINK_FLUSH_ERRORS.inc()
                 self.healthy = False
+                self.stuck_reason = (
+                    f"a batch of {len(messages)} messages failed to land {failures} times: {describe(exc)}"
+                )
                 log.error("sink flush failed; retrying", extra={"error": describe(exc), "retry_in_s": delay})
                 if self._stop.wait(delay):
                     return  # unlanded and uncommitted: the next owner replays it
                 delay = min(delay * 2, 10.0)
 
-    def flush(self, consumer: Any, messages: list[Message]) -> None:
+    def flush(self, consumer: Any, messages: list[Message], *, apart: bool = False) -> None:
+        """One flush (steps 1-6 of the module docstring); `apart`: land the batch with `land_apart`."""
         started = time.perf_counter()
         landing = plan_landing(
             messages,
@@ -372,7 +546,14 @@ class Sink:
             store=self.store,
             lookback=timedelta(seconds=self.settings.sink_dedupe_lookback_s),
         )
-        self.store.land(landing, self.group)
+        refused: dict[str, int] = dict.fromkeys(LANDED_TABLES, 0)
+        if apart:
+            for table, reject in land_apart(self.store, landing, self.group):
+                log.error("row refused by ClickHouse", extra={"table": table, "reason": reject.reason})
+                refused[table] += 1
+                refused["spend_rejects"] -= 1  # its reject landed instead
+        else:
+            self.store.land(landing, self.group)
         self._landed.update(landing.next_offsets)
         if landing.next_offsets:
             offsets = [TopicPartition(t, p, o) for (t, p), o in landing.next_offsets.items()]
@@ -380,10 +561,8 @@ class Sink:
                 consumer.commit(offsets=offsets, asynchronous=False)
             except Exception as exc:  # harmless: ClickHouse holds the landed offsets
                 log.warning("kafka commit failed", extra={"error": describe(exc)})
-        metrics.SINK_ROWS.labels("spend_records").inc(len(landing.records))
-        metrics.SINK_ROWS.labels("spend_rejects").inc(len(landing.rejects))
-        metrics.SINK_ROWS.labels("tag_budgets").inc(len(landing.budgets))
-        metrics.SINK_ROWS.labels("budget_events").inc(len(landing.budget_events))
+        for table in LANDED_TABLES:
+            metrics.SINK_ROWS.labels(table).inc(len(landing.rows(table)) - refused[table])
         metrics.SINK_SKIPPED.labels("replayed_offset").inc(landing.replayed)
         metrics.SINK_SKIPPED.labels("duplicate_event_id").inc(landing.duplicates)
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)

@@ -3,15 +3,25 @@
 The models validate shape and bounds only. Attribution rules (tag syntax,
 aliases, user-id rules) live in `ledger.tags`, because an invalid tag is
 recorded on the ledger row, not refused at the door.
+
+Bounds keep every accepted value inside what the pipeline can carry (DESIGN §9.7):
+- times are not before EARLIEST_EVENT_TIME; with a validation context from
+  `time_bounds(now, max_future_skew_s)` they are not more than the skew after
+  `now` either. The caller brings `now` (the API its receive time, the worker
+  its clock), so the schema reads no clock;
+- `reported_cost_usd` is at most MAX_REPORTED_COST_USD, and every number in
+  `usage` at most MAX_USAGE_COUNT: a cost, or a token count times a price, then
+  stays far inside ClickHouse's Decimal(38, 12) and the budgets' 28-digit
+  Decimal arithmetic, even summed over millions of calls.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 EventKind = Literal["request", "usage", "completed"]
 
@@ -22,6 +32,16 @@ MAX_HEADER_VALUE_CHARS = 8192
 MAX_METADATA_KEYS = 200
 
 _ID_PATTERN = r"^[A-Za-z0-9._:\-/]+$"
+
+EARLIEST_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_REPORTED_COST_USD = Decimal(1_000_000_000)  # one call; the largest real ones cost dollars
+MAX_USAGE_COUNT = 10_000_000_000  # tokens of one call: a thousand times the largest context windows
+
+
+def time_bounds(now: datetime, max_future_skew_s: float) -> dict[str, Any]:
+    """The validation context that refuses event times more than `max_future_skew_s` after `now`:
+    `RawEvent.model_validate(data, context=time_bounds(...))`."""
+    return {"latest_event_time": now + timedelta(seconds=max_future_skew_s)}
 
 
 class RawEvent(BaseModel):
@@ -44,13 +64,24 @@ class RawEvent(BaseModel):
     latency_ms: float | None = Field(default=None, ge=0, le=86_400_000)
     status: str | None = Field(default=None, max_length=64)
     http_status: int | None = Field(default=None, ge=100, le=599)
-    reported_cost_usd: Decimal | None = Field(default=None, ge=0, max_digits=30, decimal_places=12)
+    reported_cost_usd: Decimal | None = Field(
+        default=None, ge=0, le=MAX_REPORTED_COST_USD, max_digits=30, decimal_places=12
+    )
 
     @field_validator("occurred_at", "received_at")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+    def _time_bounded(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("timestamp must carry a time zone, e.g. 2026-11-22T10:00:00Z")
+        if value < EARLIEST_EVENT_TIME:
+            raise ValueError(f"must not be before {EARLIEST_EVENT_TIME:%Y-%m-%dT%H:%M:%SZ}")
+        latest = (info.context or {}).get("latest_event_time")
+        if latest is not None and value > latest:
+            raise ValueError(
+                f"is more than the allowed clock skew in the future (latest {latest:%Y-%m-%dT%H:%M:%SZ})"
+            )
         return value
 
     @field_validator("headers")
@@ -79,6 +110,13 @@ class RawEvent(BaseModel):
             raise ValueError("integers must fit in 64 bits (from -2**63 to 2**64 - 1)")
         return value
 
+    @field_validator("usage")
+    @classmethod
+    def _counts_bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not _numbers_at_most(value, MAX_USAGE_COUNT):
+            raise ValueError(f"token counts must be at most {MAX_USAGE_COUNT:,}")
+        return value
+
 
 def _fits_64_bits(value: Any, depth: int = 0) -> bool:
     """Every integer inside fits in 64 bits (what Kafka messages and ClickHouse can carry)."""
@@ -92,6 +130,21 @@ def _fits_64_bits(value: Any, depth: int = 0) -> bool:
         return all(_fits_64_bits(v, depth + 1) for v in value.values())
     if isinstance(value, list):
         return all(_fits_64_bits(v, depth + 1) for v in value)
+    return True
+
+
+def _numbers_at_most(value: Any, limit: int, depth: int = 0) -> bool:
+    """Every number inside is at most `limit` in size."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return abs(value) <= limit
+    if depth > 64:
+        return False
+    if isinstance(value, dict):
+        return all(_numbers_at_most(v, limit, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_numbers_at_most(v, limit, depth + 1) for v in value)
     return True
 
 

@@ -47,6 +47,24 @@ class Topics:
         """Faust app id: also the prefix of the changelog topics of its tables."""
         return self._name("spendledger")
 
+    @property
+    def sink_group(self) -> str:
+        """The sink's consumer group."""
+        return self._name("spendledger-sink")
+
+    def consumed(self) -> dict[str, list[str]]:
+        """Consumer group -> the topics it reads: what has to be empty before a stop loses nothing."""
+        return {
+            self.faust_app_id: [self.raw, self.budgets, self.tag_spend],
+            self.sink_group: [
+                self.attributed, self.dead_letter, self.budgets, self.budget_blocks, self.budget_alerts,
+            ],
+        }  # fmt: skip
+
+    def changelog(self, table: str) -> str:
+        """The changelog topic of one of the Faust app's tables (`budget-state`, `pending-calls`)."""
+        return f"{self.faust_app_id}-{table}-changelog"
+
     def all(self) -> dict[str, bool]:
         """Topic name -> compacted, for the topics we create up front."""
         return {

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    max_future_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=7 * 86_400,
+        description="how far after its receipt an event's occurred_at may be (producers' clocks run ahead)",
+    )
     publish_timeout_s: float = Field(default=5.0, gt=0)
     retry_after_s: int = Field(default=5, ge=1)
     sql_max_rows: int = Field(default=10_000, ge=1)
@@ -56,6 +62,21 @@ class Settings(BaseSettings):
     report_max_groups: int = Field(default=10_000, ge=1, description="groups a report lists at most")
     embedded_sink: bool = False
     api_url: str | None = None
+    journal_dir: Path | None = Field(
+        default=None,
+        description="where the API keeps every acknowledged event until it lands (the embedded system "
+        "sets it: its broker keeps nothing across a restart)",
+    )
+    api_drain_grace_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="on SIGTERM the API answers 503 to new events for this long before it stops",
+    )
+    drain_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="how long `up` waits on Ctrl-C for everything acknowledged to land before it stops",
+    )
 
     # Processors
     worker_web_port: int = Field(default=6066, ge=0, le=65535)

@@ -11,6 +11,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from spendledger.guard import BudgetGuard
+from tests.integration.conftest import running_system
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,14 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
+    # An event dated tomorrow rolls a budget window here: the API refuses one more than
+    # MAX_FUTURE_SKEW_S (300 s by default) ahead of its receipt.
+    with running_system(tmp_path_factory, max_future_skew_s=str(2 * 86_400)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

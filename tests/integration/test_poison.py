@@ -2,6 +2,7 @@
 
 import time
 import uuid
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -71,3 +72,112 @@ def test_poison_on_raw_attributed_and_budgets_is_rejected_with_reasons_and_the_p
     assert any(r.startswith("invalid budget definition") for r in by_topic[topics[2]])
     # Reported in docs/reliability.md (a figure, not an assertion: timing belongs in benchmarks).
     print(f"a valid call landed in {before_s:.2f} s before the poison, {after_s:.2f} s right after it")
+
+
+def test_poison_values_beside_valid_events_are_rejected_alone_and_the_valid_ones_land(ledger: Ledger) -> None:
+    """Values the API refuses, written straight to spend.raw and spend.attributed by another producer, in
+    the same messages as valid events (DESIGN §9.7). Before: a year-1 or year-9999 record stopped the sink
+    for everyone (OverflowError, retried forever); a 1e16 reported cost crashed the ledger agent and the
+    valid events of its message were committed past and lost."""
+    prefix = ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"]
+    run = f"values-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    producer = Producer({"bootstrap.servers": ledger.bootstrap})
+
+    def event(name: str, **extra: object) -> dict[str, object]:
+        at = now.isoformat()
+        return {
+            "kind": "completed",
+            "request_id": f"{run}-{name}",
+            "event_id": f"{run}-{name}",
+            "model": "acme/unpriced",
+            "usage": {"input_tokens": 10},
+            "occurred_at": at,
+            "received_at": at,
+            **extra,
+        }
+
+    raw_poison = {
+        "year-1": {"occurred_at": "0001-01-01T00:00:00Z"},
+        "year-9999": {"occurred_at": "9999-12-31T23:59:59Z"},
+        "cost-1e16": {"reported_cost_usd": 1e16},
+        "tokens-1e11": {"usage": {"input_tokens": 10**11}},
+        "epoch-number": {"occurred_at": int(now.timestamp())},  # the schema reads it; the ledger does not
+    }
+    valid = [event(f"ok-{i}") for i in range(5)]
+    bundle = [
+        *valid[:2],
+        event("year-1", **raw_poison["year-1"]),
+        *valid[2:],
+        event("cost-1e16", **raw_poison["cost-1e16"]),
+    ]
+    raw = f"{prefix}spend.raw"
+    producer.produce(raw, key=f"{run}-bundle".encode(), value=orjson.dumps({"events": bundle}))
+    for name in ("year-9999", "tokens-1e11", "epoch-number"):
+        producer.produce(
+            raw, key=f"{run}-{name}".encode(), value=orjson.dumps(event(name, **raw_poison[name]))
+        )
+
+    # Records as another producer may write them to spend.attributed: dated where ClickHouse cannot
+    # store them, or with a cost its Decimal(38, 12) column refuses; valid ones beside.
+    def record(name: str, **extra: object) -> bytes:
+        at = now.isoformat()
+        fields = {
+            "event_id": f"{run}-{name}",
+            "request_id": f"{run}-{name}",
+            "occurred_at": at,
+            "received_at": at,
+        }
+        return orjson.dumps({**fields, **extra})
+
+    attributed = f"{prefix}spend.attributed"
+    records = {
+        "rec-ok-1": record("rec-ok-1", cost_usd="0.5"),
+        "rec-year-1": record("rec-year-1", occurred_at="0001-01-01T00:00:00Z"),
+        "rec-year-9999": record("rec-year-9999", occurred_at="9999-12-31T23:59:59Z"),
+        "rec-cost-1e30": record("rec-cost-1e30", cost_usd="1e30"),
+        "rec-ok-2": record("rec-ok-2", cost_usd="0.25"),
+    }
+    for name, value in records.items():
+        producer.produce(attributed, key=name.encode(), value=value, partition=0)
+    producer.flush(10)
+
+    landed = ledger.wait_for(
+        f"SELECT request_id FROM spend_records WHERE startsWith(request_id, '{run}') ORDER BY request_id",
+        lambda rows: len(rows) >= 7,
+    )
+    assert [r[0] for r in landed] == sorted(
+        [f"{run}-ok-{i}" for i in range(5)] + [f"{run}-rec-ok-1", f"{run}-rec-ok-2"]
+    )
+    poison = [*raw_poison, "rec-year-1", "rec-year-9999", "rec-cost-1e30"]
+    rejects = ledger.wait_for(
+        f"SELECT source_topic, reason, payload FROM spend_rejects WHERE position(payload, '{run}') > 0",
+        lambda rows: len(rows) >= len(poison),
+    )
+    reasons: dict[str, tuple[str, str]] = {}
+    for topic, reason, payload in rejects:
+        (name,) = [n for n in poison if f'"{run}-{n}"' in payload]
+        assert name not in reasons, f"{name} rejected twice"
+        reasons[name] = (topic, reason)
+    assert set(reasons) == set(poison)
+    for name in raw_poison:
+        assert reasons[name][0] == raw
+    assert reasons["year-1"][1].startswith("invalid raw event") and "2000-01-01" in reasons["year-1"][1]
+    assert reasons["year-9999"][1].startswith("invalid raw event") and "skew" in reasons["year-9999"][1]
+    assert (
+        reasons["cost-1e16"][1].startswith("invalid raw event")
+        and "reported_cost_usd" in reasons["cost-1e16"][1]
+    )
+    assert reasons["tokens-1e11"][1].startswith("invalid raw event") and "usage" in reasons["tokens-1e11"][1]
+    assert reasons["epoch-number"][1].startswith("cannot attribute")
+    assert reasons["rec-year-1"] == (attributed, reasons["rec-year-1"][1])
+    assert reasons["rec-year-1"][1].startswith("sink cannot land: occurred_at")
+    assert reasons["rec-year-9999"][1].startswith("sink cannot land: occurred_at")
+    assert reasons["rec-cost-1e30"][1].startswith("ClickHouse refused the spend_records row")
+    # The pipeline goes on: a call through the API right after lands.
+    assert ledger.send({**event("after"), "occurred_at": None, "received_at": None}).status_code == 202
+    ledger.wait_for(
+        f"SELECT count() FROM spend_records WHERE request_id = '{run}-after'", lambda r: r[0][0] == 1
+    )
+    r = ledger.http.get("/readyz")
+    assert "stuck" not in r.json(), r.text

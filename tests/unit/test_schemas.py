@@ -1,3 +1,5 @@
+from datetime import UTC, datetime
+
 import pytest
 from pydantic import ValidationError
 
@@ -82,3 +84,54 @@ def test_a_huge_integer_in_metadata_is_still_a_readable_label():
 
     result = normalize(metadata=[{"note": [2**70]}], policy=AttributionPolicy())
     assert result.metadata["note"] == f"[{2**70}]"
+
+
+BASE = {"kind": "completed", "request_id": "r1"}
+NOW = datetime(2026, 11, 22, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "field, ok",
+    [
+        ({"occurred_at": "2000-01-01T00:00:00Z"}, True),
+        ({"occurred_at": "1999-12-31T23:59:59.999Z"}, False),
+        ({"received_at": "0001-01-01T00:00:00Z"}, False),
+        ({"occurred_at": "2026-11-22T10:05:00Z"}, True),  # the skew exactly
+        ({"occurred_at": "2026-11-22T10:05:00.001Z"}, False),
+        ({"occurred_at": "9999-12-31T23:59:59-01:00"}, False),
+        ({"received_at": "2026-11-22T11:00:00Z"}, False),
+        ({"reported_cost_usd": "1000000000"}, True),
+        ({"reported_cost_usd": "1000000000.000000000001"}, False),
+        ({"usage": {"input_tokens": 10**10, "nested": [{"n": -(10**10)}]}}, True),
+        ({"usage": {"input_tokens": 10**10 + 1}}, False),
+        ({"usage": {"details": [{"tokenCount": 1e11}]}}, False),
+    ],
+)
+def test_bounds_of_times_costs_and_token_counts(field, ok):
+    """Times from 2000 to the skew after `now` (the caller's clock), a billion dollars, ten billion tokens."""
+    from schemas.events import time_bounds
+
+    context = time_bounds(NOW, 300)
+    if ok:
+        RawEvent.model_validate({**BASE, **field}, context=context)
+    else:
+        with pytest.raises(ValidationError) as refused:
+            RawEvent.model_validate({**BASE, **field}, context=context)
+        assert [e["loc"] for e in refused.value.errors()] == [(next(iter(field)),)]
+
+
+def test_without_a_clock_only_the_floor_bounds_times():
+    RawEvent.model_validate({**BASE, "occurred_at": "9999-12-31T23:59:59Z"})
+    with pytest.raises(ValidationError):
+        RawEvent.model_validate({**BASE, "occurred_at": "0001-01-01T00:00:00Z"})
+
+
+def test_a_reject_reason_names_the_field_and_rule_never_the_input():
+    from processors.deadletter import describe
+
+    with pytest.raises(ValidationError) as refused:
+        RawEvent.model_validate(
+            {**BASE, "occurred_at": "1970-01-01T00:00:00Z", "reported_cost_usd": "sk-secret"}
+        )
+    reason = describe(refused.value)
+    assert reason == "ValidationError: occurred_at: must not be before 2000-01-01T00:00:00Z (and 1 more)"

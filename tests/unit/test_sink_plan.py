@@ -33,6 +33,9 @@ class MemoryStore:
     def existing_alert_ids(self, alert_ids):
         return {e[8] for e in self.budget_events if e[8] in alert_ids}
 
+    def ping(self):
+        return True
+
     def land(self, landing: Landing, group):
         for r in landing.records:
             self.records[r.event_id] = r
