@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException
 
 from spendledger.errors import BrokerUnavailable
+from spendledger.journal import Journal
 from spendledger.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,33 @@ class InMemoryPublisher:
 
     def close(self) -> None:
         pass
+
+
+class JournaledPublisher:
+    """A publisher whose acknowledged messages are also kept in a journal on disk (spendledger.journal):
+    `publish` returns once both Kafka and the disk have them. For a broker that forgets at a restart."""
+
+    def __init__(self, inner: EventPublisher, journal: Journal) -> None:
+        self.inner = inner
+        self.journal = journal
+
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None:
+        await self.inner.publish(topic, messages)
+        try:
+            await asyncio.to_thread(self.journal.append, topic, messages)
+        except OSError as exc:
+            log.error("journal write failed", extra={"error": str(exc)})
+            raise BrokerUnavailable(f"cannot keep the messages on disk: {exc.strerror or exc}") from exc
+
+    async def partition_count(self, topic: str) -> int | None:
+        return await self.inner.partition_count(topic)
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    def close(self) -> None:
+        self.inner.close()
+        self.journal.close()
 
 
 class KafkaPublisher:

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ("worker", "run a Faust worker"),
         ("sink", "land attributed records in ClickHouse"),
         ("migrate", "apply the ClickHouse DDL"),
+        ("restore", "carry budgets, spend and unlanded events into an empty broker (run by `up`)"),
     ):
         sub.add_parser(name, help=text)
 
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             from spendledger.services import run_sink
 
             run_sink(settings)
+        elif args.command == "restore":
+            from spendledger.clickhouse import connect, migrate
+            from spendledger.restore import restore
+
+            client = connect(settings)
+            migrate(client)
+            restore(settings, client, settings.journal_dir, print)
         elif args.command == "migrate":
             from spendledger.clickhouse import connect, migrate
 
@@ -110,6 +118,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, _frame: Any) -> None:
         nonlocal stopping
+        if stopping:
+            system.abort_drain.set()
         stopping = True
 
     signal.signal(signal.SIGINT, on_signal)
@@ -135,9 +145,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     if system.failed is not None:
         _say(f"error: {system.failed}. Stopping.")
-    _say("stopping…")
+    _say(
+        "stopping: new events are refused; waiting for what was acknowledged to land (Ctrl-C again: stop now)"
+    )
     (args.data_dir / RUNNING_FILE).unlink(missing_ok=True)
-    system.stop()
+    system.stop(drain_timeout_s=None if system.failed is not None else system.settings().drain_timeout_s)
     _say("stopped")
     return 1 if system.failed is not None else 0
 

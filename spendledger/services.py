@@ -24,19 +24,30 @@ def build_sink(settings: Settings) -> Any:
 
 
 def run_api(settings: Settings) -> None:
-    """Serve the API with uvicorn; in embedded mode also host the sink (chDB allows one process)."""
+    """Serve the API with uvicorn; in embedded mode also host the sink (chDB allows one process).
+
+    SIGUSR1 starts draining (new events get 503 with Retry-After; `up` sends it before it waits
+    for the pipeline to empty). SIGTERM drains for `api_drain_grace_s`, then stops.
+    """
+    import signal
+
     import uvicorn
 
     from ingest.analytics import ClickHouseReports
     from ingest.app import Services, create_app
-    from ingest.publisher import KafkaPublisher
+    from ingest.publisher import EventPublisher, JournaledPublisher, KafkaPublisher
     from ingest.sql import ClickHouseQueryEngine
+    from spendledger.journal import Journal
 
     client = connect(settings)
     migrate(client)
+    publisher: EventPublisher = KafkaPublisher(settings.kafka_config(), timeout_s=settings.publish_timeout_s)
+    journal = Journal(settings.journal_dir) if settings.journal_dir is not None else None
+    if journal is not None:
+        publisher = JournaledPublisher(publisher, journal)
     services = Services(
         settings=settings,
-        publisher=KafkaPublisher(settings.kafka_config(), timeout_s=settings.publish_timeout_s),
+        publisher=publisher,
         queries=ClickHouseQueryEngine(client),
         budgets=build_budget_services(settings),
         reports=ClickHouseReports(connect(settings, create_database=False), settings.sql_max_seconds),
@@ -46,13 +57,20 @@ def run_api(settings: Settings) -> None:
         sink = build_sink(settings)
         thread = threading.Thread(target=sink.run, name="sink", daemon=True)
         thread.start()
+        services.stuck = lambda: getattr(sink, "stuck_reason", None)
 
         def stop_sink() -> None:
             sink.stop()
             thread.join(timeout=15)
 
+        if journal is not None:
+            # Shutdown runs these in reverse: the sink lands its last batch, then the last pruning pass.
+            pruner = JournalPruner(journal, connect(settings, create_database=False), settings)
+            pruner.start()
+            services.on_shutdown.append(pruner.stop)
         services.on_shutdown.append(stop_sink)
-    uvicorn.run(
+    signal.signal(signal.SIGUSR1, lambda *_: services.draining.set())
+    config = uvicorn.Config(
         create_app(services),
         host=settings.api_host,
         port=settings.api_port,
@@ -60,6 +78,61 @@ def run_api(settings: Settings) -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    draining_server(config, services.draining, settings.api_drain_grace_s).run()
+
+
+def draining_server(config: Any, draining: threading.Event, grace_s: float) -> Any:
+    """uvicorn's server, whose first SIGINT/SIGTERM refuses new events for `grace_s` before it stops
+    (a load balancer sees /readyz fail and moves away); a signal while draining stops at once."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if draining.is_set() or grace_s <= 0 or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            draining.set()
+            log.warning("draining: new events are refused", extra={"grace_s": grace_s})
+            timer = threading.Timer(grace_s, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+
+    return Server(config)
+
+
+class JournalPruner:
+    """Closes the journal's segment every `interval_s` and deletes the closed ones whose calls all landed."""
+
+    def __init__(self, journal: Any, client: Any, settings: Settings, interval_s: float = 30.0) -> None:
+        self.journal = journal
+        self.client = client
+        self.topics = settings.topics
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="journal-pruner", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.prune()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.journal.rotate(min_age_s=self.interval_s)
+            self.prune()
+
+    def prune(self) -> None:
+        from spendledger.restore import prune_journal
+
+        try:
+            deleted = prune_journal(self.client, self.journal.closed_segments(), self.topics)
+            if deleted:
+                log.info("journal pruned", extra={"segments": deleted})
+        except Exception as exc:  # ClickHouse busy or down: the segments wait for the next pass
+            log.warning("journal pruning failed", extra={"error": str(exc)})
 
 
 def build_budget_services(settings: Settings) -> Any:

@@ -1,0 +1,431 @@
+"""Carrying the ledger over a broker that starts empty (the embedded system, DESIGN §9).
+
+The embedded broker keeps its log in memory; ClickHouse (the ledger of record) and
+the ingest journal (`spendledger.journal`) are on disk. So `up` runs `restore()`
+after it starts a broker and before it starts the worker and the API:
+
+1. Budget definitions (`tag_budgets`, latest version per tag, app limits
+   included) are published to `spend.budgets` again.
+2. The budget agent's state is rebuilt from `spend_records` (spend by tag: day
+   buckets, minute buckets, and the last few minutes event by event with their
+   ids, as the agent keeps them) and `budget_events` (the thresholds already
+   fired in the current window), and written to its table's changelog, where the
+   worker's recovery reads it. The spend a budget sees is then what ClickHouse
+   holds, to the cent.
+3. Each budget's block state is published to `spend.budget-blocks`, so the guard
+   and `/v1/check` refuse a blocked tag from the first request.
+4. The journal's events whose call neither landed in `spend_records` nor was
+   rejected are published to `spend.raw` again, in their order: calls that were
+   in flight, and requests still waiting for their usage (the join's pending
+   state). Only those stay in the journal.
+
+Replays are harmless: the sink skips an event_id already landed, and the
+journal's landed calls are not replayed at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from ingest.events import raw_messages
+from ledger.budgets import (
+    DAY_MS,
+    MINUTE_MS,
+    BudgetStatus,
+    HistoryPolicy,
+    SpendHistory,
+    TagAccount,
+    evaluate,
+    rule_of,
+)
+from processors.budgets import BudgetStore, block_signal, tag_partition
+from schemas.budgets import BudgetDefinition
+from schemas.topics import Topics
+from spendledger.errors import StartupError
+from spendledger.journal import read_segment, remove, segments, write_segment
+from spendledger.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Ids per look-up query: ClickHouse refuses a query over 256 KiB.
+_LOOKUP_IDS = 2000
+
+
+@dataclass
+class Restored:
+    budgets: int = 0
+    tags: int = 0
+    blocked: int = 0
+    replayed: int = 0
+    landed: int = 0
+
+
+# ------------------------------------------------------------------ journal
+
+
+@dataclass
+class Unsettled:
+    """What a journal holds that ClickHouse does not have yet."""
+
+    events: list[dict[str, Any]]  # raw events whose call neither landed nor was rejected, in order
+    budgets: list[tuple[bytes, bytes | None]]  # the latest change of each budget not in tag_budgets
+    settled: int = 0  # raw events whose call had settled
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.budgets)
+
+
+def find_unsettled(client: Any, paths: Iterable[Path], topics: Topics) -> Unsettled:
+    events: list[dict[str, Any]] = []
+    changes: dict[bytes, bytes | None] = {}
+    for path in paths:
+        for topic, key, value in read_segment(path):
+            if topic == topics.budgets:
+                changes.pop(key, None)
+                changes[key] = value  # in order of the latest change
+            elif topic == topics.raw and value is not None:
+                events += _events(value)
+    ids = list({e["request_id"] for e in events})
+    settled = settled_request_ids(client, ids, topics.raw) if ids else set()
+    left = [e for e in events if e["request_id"] not in settled]
+    budgets = unlanded_budgets(client, changes) if changes else []
+    return Unsettled(left, budgets, len(events) - len(left))
+
+
+def _events(value: bytes) -> list[dict[str, Any]]:
+    """The events of a `spend.raw` message (a bundle `{"events": [...]}` gives each of its own)."""
+    data = orjson.loads(value)
+    if isinstance(data, dict) and "kind" not in data and isinstance(data.get("events"), list):
+        data = data["events"]
+    found = data if isinstance(data, list) else [data]
+    return [e for e in found if isinstance(e, dict) and isinstance(e.get("request_id"), str)]
+
+
+def settled_request_ids(client: Any, request_ids: list[str], raw_topic: str) -> set[str]:
+    """The request ids among these whose call landed in `spend_records` or was rejected from spend.raw."""
+    found: set[str] = set()
+    for start in range(0, len(request_ids), _LOOKUP_IDS):
+        ids = tuple(request_ids[start : start + _LOOKUP_IDS])
+        for query in (
+            "SELECT DISTINCT request_id FROM spend_records WHERE request_id IN %(ids)s",
+            "SELECT DISTINCT JSONExtractString(payload, 'request_id') AS r FROM spend_rejects "
+            "WHERE source_topic = %(topic)s AND r IN %(ids)s",
+        ):
+            result = client.query(query, parameters={"ids": ids, "topic": raw_topic})
+            found |= {row[0] for row in result.result_rows}
+    return found
+
+
+def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes | None]]:
+    """The budget changes `tag_budgets` does not show yet (a definition at least as new, or a deletion)."""
+    tags = tuple(key.decode() for key in changes)
+    latest = {
+        tag: (_utc(updated), bool(deleted))
+        for tag, updated, deleted in client.query(
+            "SELECT tag, max(updated_at), argMax(deleted, updated_at) FROM tag_budgets "
+            "WHERE tag IN %(tags)s GROUP BY tag",
+            parameters={"tags": tags},
+        ).result_rows
+    }
+    out: list[tuple[bytes, bytes | None]] = []
+    for key, value in changes.items():
+        landed = latest.get(key.decode())
+        if value is None:
+            if landed is not None and not landed[1]:
+                out.append((key, value))
+        elif landed is None or landed[0] < _ms(BudgetDefinition.model_validate_json(value).updated_at):
+            out.append((key, value))
+    return out
+
+
+def prune_journal(client: Any, closed: list[Path], topics: Topics) -> int:
+    """Delete the closed segments whose every message settled; returns how many were deleted."""
+    deleted = 0
+    for path in closed:
+        if not find_unsettled(client, [path], topics):
+            remove([path])
+            deleted += 1
+    return deleted
+
+
+# ------------------------------------------------------------------ budgets
+
+
+def load_definitions(client: Any) -> dict[str, BudgetDefinition]:
+    """The latest definition of every budget that is not deleted."""
+    result = client.query(
+        "SELECT tag, argMax(max_budget_usd, updated_at), argMax(soft_budget_usd, updated_at), "
+        "argMax(budget_duration, updated_at), argMax(alert_thresholds, updated_at), "
+        "argMax(deleted, updated_at), argMax(window, updated_at), argMax(source, updated_at), "
+        "argMax(created_at, updated_at), max(updated_at) FROM tag_budgets GROUP BY tag"
+    )
+    out = {}
+    for (
+        tag,
+        max_usd,
+        soft_usd,
+        duration,
+        thresholds,
+        deleted,
+        window,
+        source,
+        created,
+        updated,
+    ) in result.result_rows:
+        if deleted:
+            continue
+        out[tag] = BudgetDefinition(
+            tag=tag,
+            max_budget_usd=max_usd,
+            soft_budget_usd=soft_usd,
+            budget_duration=duration,
+            window=window,
+            alert_thresholds=list(thresholds),
+            source=source,
+            created_at=_utc(created),
+            updated_at=_utc(updated),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class SpendRows:
+    """Priced spend by tag as ClickHouse holds it, in the agent's tiers (see ledger.budgets)."""
+
+    days: list[tuple[str, int, Decimal]]  # tag, local day start ms, amount
+    minutes: list[tuple[str, int, Decimal]]  # tag, minute start ms, amount
+    events: list[tuple[str, str, int, Decimal]]  # tag, event_id, occurred ms, cost
+    newest_ms: dict[str, int]  # tag -> newest event time
+    fired: dict[tuple[str, int], tuple[frozenset[int], bool]]  # (tag, window start) -> thresholds, soft
+
+
+def load_spend(client: Any, policy: HistoryPolicy, now_ms: int) -> SpendRows:
+    tz = str(policy.tz)
+    history = SpendHistory(policy)
+    days_from = now_ms - policy.day_history_ms
+    minutes_from = history.day_start(now_ms - policy.minute_history_ms)
+    events_from = (now_ms - policy.dedupe_ms) // MINUTE_MS * MINUTE_MS - MINUTE_MS
+    priced = "FROM spend_records ARRAY JOIN tags AS tag WHERE cost_usd IS NOT NULL AND cost_usd != 0"
+    window = "AND occurred_at >= %(start)s AND occurred_at < %(end)s"
+
+    def rows(select: str, start_ms: int, end_ms: int, group: str = "") -> list[Any]:
+        query = f"SELECT {select} {priced} {window} {group}"  # noqa: S608 - fixed text, bound values
+        params = {"start": _at(start_ms), "end": _at(end_ms), "tz": tz}
+        return list(client.query(query, parameters=params).result_rows)
+
+    far = now_ms + 100 * 366 * DAY_MS
+    days = rows(
+        "tag, toUnixTimestamp(toStartOfDay(occurred_at, %(tz)s)) * 1000 AS d, sum(cost_usd)",
+        days_from,
+        minutes_from,
+        "GROUP BY tag, d",
+    )
+    minutes = rows(
+        "tag, toUnixTimestamp(toStartOfMinute(occurred_at)) * 1000 AS m, sum(cost_usd)",
+        minutes_from,
+        events_from,
+        "GROUP BY tag, m",
+    )
+    events = rows("tag, event_id, toUnixTimestamp64Milli(occurred_at), cost_usd", events_from, far)
+    newest = rows("tag, toUnixTimestamp64Milli(max(occurred_at))", days_from, far, "GROUP BY tag")
+    fired_rows = client.query(
+        "SELECT tag, toUnixTimestamp64Milli(window_start) AS ws, "
+        "groupUniqArrayIf(assumeNotNull(threshold_pct), event_type = 'alert'), "
+        "max(event_type = 'soft_alert') FROM budget_events "
+        "WHERE event_type IN ('alert', 'soft_alert') AND window_end > %(now)s GROUP BY tag, ws",
+        parameters={"now": _at(now_ms)},
+    ).result_rows
+    return SpendRows(
+        days=[(t, int(d), Decimal(a)) for t, d, a in days],
+        minutes=[(t, int(m), Decimal(a)) for t, m, a in minutes],
+        events=[(t, i, int(ms), Decimal(c)) for t, i, ms, c in events],
+        newest_ms={t: int(ms) for t, ms in newest},
+        fired={(t, int(ws)): (frozenset(int(x) for x in th), bool(soft)) for t, ws, th, soft in fired_rows},
+    )
+
+
+def rebuild_accounts(
+    spend: SpendRows,
+    definitions: Mapping[str, BudgetDefinition],
+    policy: HistoryPolicy,
+    now_ms: int,
+) -> dict[str, TagAccount]:
+    """The budget agent's accounts as the ledger implies them at `now_ms`. Pure.
+
+    A budget's status is evaluated afresh; of the thresholds already passed, only
+    those `budget_events` shows fired in the current window count as fired, so an
+    alert that never landed fires again (its alert_id is the same: it lands once).
+    """
+    accounts: dict[str, TagAccount] = {}
+
+    def account(tag: str) -> TagAccount:
+        found = accounts.get(tag)
+        if found is None:
+            found = accounts[tag] = TagAccount(tag, SpendHistory(policy))
+        return found
+
+    for tag, day, amount in spend.days:
+        history = account(tag).history
+        history.days[day] = history.days.get(day, Decimal(0)) + amount
+        history.changed.add(("d", day))
+    for tag, minute, amount in spend.minutes:
+        history = account(tag).history
+        history.minutes[minute] = history.minutes.get(minute, Decimal(0)) + amount
+        history.changed.add(("m", minute))
+    for tag, event_id, at_ms, cost in spend.events:
+        account(tag).history.add(event_id, at_ms, cost)
+    for tag in definitions:
+        account(tag)
+    for tag, found in accounts.items():
+        found.max_event_ms = spend.newest_ms.get(tag, 0)
+        found.history.compact(found.clock(now_ms))
+        definition = definitions.get(tag)
+        if definition is None:
+            continue
+        rule = rule_of(definition)
+        result = evaluate(rule, found.history, BudgetStatus(), found.clock(now_ms), created=True)
+        status = result.status
+        window_start = status.window.start_ms if status.window else 0
+        thresholds, soft = spend.fired.get((tag, window_start), (frozenset(), False))
+        found.rule = rule
+        found.status = replace(status, fired=status.fired & thresholds, soft_fired=status.soft_fired and soft)
+    return accounts
+
+
+# ------------------------------------------------------------------ the whole step
+
+
+def restore(
+    settings: Settings, client: Any, journal_dir: Path | None, say: Callable[[str], None]
+) -> Restored:
+    """Steps 1-4 of the module docstring, against an empty broker."""
+    topics = settings.topics
+    partitions = settings.topic_partitions
+    now_ms = int(time.time() * 1000)
+    done = Restored()
+    producer = _Producer(settings)
+    changelog = topics.changelog("budget-state")
+    _ensure_changelogs(settings, [changelog, topics.changelog("pending-calls")])
+    paths = segments(journal_dir) if journal_dir is not None else []
+    journal = find_unsettled(client, paths, topics)
+
+    definitions = load_definitions(client)
+    for tag, definition in definitions.items():
+        producer.send(topics.budgets, tag.encode(), definition.model_dump_json().encode())
+    for key, value in journal.budgets:  # changes acknowledged that had not landed yet
+        producer.send(topics.budgets, key, value)
+        if value is None:
+            definitions.pop(key.decode(), None)
+        else:
+            definitions[key.decode()] = BudgetDefinition.model_validate_json(value)
+    done.budgets = len(definitions)
+
+    policy = settings.history_policy()
+    accounts = rebuild_accounts(load_spend(client, policy, now_ms), definitions, policy, now_ms)
+    store = BudgetStore({}, lambda p, k, v: producer.send(changelog, k, v, p), policy)
+    for tag, account in accounts.items():
+        store.accounts[tag] = account
+        store.partitions[tag] = tag_partition(tag, partitions)
+        if tag in definitions:
+            store.definitions[tag] = definitions[tag]
+        store.persist(account, rule=True)
+        if account.rule is not None:
+            signal = block_signal(tag, account.status, account.rule, "update", now_ms)
+            value = signal.model_dump_json().encode()
+            # Where the worker puts the tag's later signals (murmur2), so the latest one wins.
+            producer.send(topics.budget_blocks, tag.encode(), value, store.partitions[tag])
+            done.blocked += account.status.blocked
+    done.tags = len(accounts)
+
+    messages = raw_messages(journal.events, partitions) if journal.events else []
+    for key, value in messages:
+        producer.send(topics.raw, key, value)
+    producer.wait()
+    if journal_dir is not None:
+        kept = [(topics.budgets, k, v) for k, v in journal.budgets] + [
+            (topics.raw, k, v) for k, v in messages
+        ]
+        if kept:
+            write_segment(journal_dir, kept)
+        remove(paths)
+    done.replayed, done.landed = len(journal.events), journal.settled
+    say(f"    {done.budgets} budgets, spend of {done.tags} tags, {done.blocked} blocked")
+    say(f"    journal: {done.replayed} events not landed yet, sent again ({done.landed} had landed)")
+    return done
+
+
+class _Producer:
+    """Idempotent, acks=all, and one record per batch: Tansu's ListOffsets answers a partition's end as
+    its last batch's first offset + 1, and the worker's changelog recovery reads up to that end (a
+    batch of five state records would recover as one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        config = {"acks": "all", "enable.idempotence": True, "batch.num.messages": 1}
+        self._producer = Producer(settings.kafka_config(**config))
+        self._errors: list[str] = []
+
+    def send(self, topic: str, key: bytes, value: bytes | None, partition: int | None = None) -> None:
+        while True:
+            try:  # partition -1: the producer's partitioner chooses (the same as the API's)
+                self._producer.produce(
+                    topic,
+                    value,
+                    key,
+                    partition=-1 if partition is None else partition,
+                    on_delivery=self._delivered,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.1)
+
+    def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(err.str())
+
+    def wait(self) -> None:
+        if self._producer.flush(60) or self._errors:
+            raise StartupError(f"could not restore the ledger's state into Kafka: {self._errors[:3]}")
+
+
+def _ensure_changelogs(settings: Settings, names: list[str]) -> None:
+    admin = AdminClient(settings.kafka_config())
+    existing = set(admin.list_topics(timeout=15).topics)
+    wanted = [
+        NewTopic(
+            name,
+            num_partitions=settings.topic_partitions,
+            replication_factor=settings.kafka_replication_factor,
+            config={"cleanup.policy": "compact"},
+        )
+        for name in names
+        if name not in existing
+    ]
+    for future in admin.create_topics(wanted).values() if wanted else []:
+        try:
+            future.result(15)
+        except Exception as exc:  # already there (a race) is fine; anything else shows at produce time
+            log.debug("changelog topic not created", extra={"error": str(exc)})
+
+
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _ms(value: datetime) -> datetime:
+    """A time as ClickHouse's DateTime64(3) keeps it."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
