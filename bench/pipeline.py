@@ -209,7 +209,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         kafka_port = free_port()
-        broker = start_tansu("127.0.0.1", kafka_port, directory / "broker.log")
+        broker = start_tansu("127.0.0.1", kafka_port, directory / "broker.log", "bench")
         try:
             env = clean_env(
                 SPENDLEDGER_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",

@@ -258,7 +258,7 @@ def create_app(settings: Settings) -> faust.App:
                 # Serialized, and its spend by tag built, here: a record that cannot be published is
                 # this call's reject alone, not its batch's crash (DESIGN §9.7).
                 value = record.model_dump_json().encode()
-                tag_spend_entries([record])
+                record.occurred_at.timestamp()  # what its tag-spend entry needs
             except Exception as exc:
                 reject(
                     "attribute", source or TimedOut(topics.raw, call), f"cannot attribute: {describe(exc)}"

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             client = connect(settings)
             migrate(client)
-            restore(settings, client, settings.journal_dir, print)
+            restore(settings, client, settings.journal_dir, lambda text: print(text, flush=True))
         elif args.command == "migrate":
             from spendledger.clickhouse import connect, migrate
 

@@ -110,18 +110,20 @@ class EmbeddedSystem:
 
     def _restore(self) -> None:
         """`spendledger restore` in a process of its own (chDB allows one process per data dir)."""
-        done = subprocess.run(  # noqa: S603 - our own module, fixed arguments
-            [sys.executable, "-m", "spendledger", "restore"],
-            env=self.child_env,
-            capture_output=True,
-            text=True,
-            timeout=self.startup_timeout_s * 10,
-        )
-        for line in done.stdout.splitlines():
-            self.say(line)
-        if done.returncode != 0:
-            (self.log_dir / "restore.log").write_text(done.stdout + done.stderr)
-            raise StartupError(f"restoring the ledger's state failed; see {self.log_dir / 'restore.log'}")
+        log_path = self.log_dir / "restore.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+                [sys.executable, "-m", "spendledger", "restore"],
+                env=self.child_env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+            assert process.stdout is not None  # noqa: S101 - asked for above
+            for line in process.stdout:  # its progress, as it goes
+                self.say(line.rstrip())
+            if process.wait() != 0:
+                raise StartupError(f"restoring the ledger's state failed; see {log_path}")
 
     def _keys(self, env: dict[str, str]) -> None:
         """Use the configured keys, or generate dev keys once and keep them in the data dir."""

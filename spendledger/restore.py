@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,7 @@ def find_unsettled(client: Any, paths: Iterable[Path], topics: Topics) -> Unsett
                 changes[key] = value  # in order of the latest change
             elif topic == topics.raw and value is not None:
                 events += _events(value)
-    ids = list({e["request_id"] for e in events})
-    settled = settled_request_ids(client, ids, topics.raw) if ids else set()
+    settled = settled_request_ids(client, events, topics.raw)
     left = [e for e in events if e["request_id"] not in settled]
     budgets = unlanded_budgets(client, changes) if changes else []
     return Unsettled(left, budgets, len(events) - len(left))
@@ -112,19 +111,43 @@ def _events(value: bytes) -> list[dict[str, Any]]:
     return [e for e in found if isinstance(e, dict) and isinstance(e.get("request_id"), str)]
 
 
-def settled_request_ids(client: Any, request_ids: list[str], raw_topic: str) -> set[str]:
-    """The request ids among these whose call landed in `spend_records` or was rejected from spend.raw."""
+def settled_request_ids(client: Any, events: list[dict[str, Any]], raw_topic: str) -> set[str]:
+    """The request ids of these events whose call landed in `spend_records` or was rejected from
+    spend.raw. The look-up is bounded to a week around the events' times (a call's record carries one
+    of its events' times), so it reads a few days' parts, not the whole ledger."""
+    request_ids = list({e["request_id"] for e in events})
+    if not request_ids:
+        return set()
+    times = [t for t in map(_event_time, events) if t is not None]
+    start = min(times, default=datetime(2000, 1, 1, tzinfo=UTC)) - _SETTLE_MARGIN
+    end = max(times, default=datetime(2299, 1, 1, tzinfo=UTC)) + _SETTLE_MARGIN
     found: set[str] = set()
-    for start in range(0, len(request_ids), _LOOKUP_IDS):
-        ids = tuple(request_ids[start : start + _LOOKUP_IDS])
+    for first in range(0, len(request_ids), _LOOKUP_IDS):
+        params = {"ids": tuple(request_ids[first : first + _LOOKUP_IDS]), "topic": raw_topic,
+                  "start": start, "end": end}  # fmt: skip
         for query in (
-            "SELECT DISTINCT request_id FROM spend_records WHERE request_id IN %(ids)s",
+            "SELECT DISTINCT request_id FROM spend_records WHERE occurred_at >= %(start)s "
+            "AND occurred_at <= %(end)s AND request_id IN %(ids)s",
             "SELECT DISTINCT JSONExtractString(payload, 'request_id') AS r FROM spend_rejects "
-            "WHERE source_topic = %(topic)s AND r IN %(ids)s",
+            "WHERE rejected_at >= %(start)s AND source_topic = %(topic)s AND r IN %(ids)s",
         ):
-            result = client.query(query, parameters={"ids": ids, "topic": raw_topic})
-            found |= {row[0] for row in result.result_rows}
+            found |= {row[0] for row in client.query(query, parameters=params).result_rows}
     return found
+
+
+_SETTLE_MARGIN = timedelta(days=7)
+
+
+def _event_time(event: dict[str, Any]) -> datetime | None:
+    for name in ("occurred_at", "received_at"):
+        value = event.get(name)
+        if isinstance(value, str):
+            try:
+                at = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+            return at if at.tzinfo else at.replace(tzinfo=UTC)
+    return None
 
 
 def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes | None]]:
@@ -318,6 +341,7 @@ def restore(
     changelog = topics.changelog("budget-state")
     _ensure_changelogs(settings, [changelog, topics.changelog("pending-calls")])
     paths = segments(journal_dir) if journal_dir is not None else []
+    say(f"    reading the journal ({len(paths)} segments) and what of it landed")
     journal = find_unsettled(client, paths, topics)
 
     definitions = load_definitions(client)
@@ -332,6 +356,7 @@ def restore(
     done.budgets = len(definitions)
 
     policy = settings.history_policy()
+    say(f"    reading spend by tag from spend_records for {len(definitions)} budgets")
     accounts = rebuild_accounts(load_spend(client, policy, now_ms), definitions, policy, now_ms)
     store = BudgetStore({}, lambda p, k, v: producer.send(changelog, k, v, p), policy)
     for tag, account in accounts.items():

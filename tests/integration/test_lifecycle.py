@@ -184,7 +184,9 @@ def test_a_stop_drains_and_a_restart_keeps_every_event_budget_block_and_pending_
     assert left == 0
     assert any("drained" in line or "draining" in line for line in lifecycle.said), lifecycle.said
 
+    started = time.monotonic()
     ledger = lifecycle.start()
+    restart_s = time.monotonic() - started
     total = COST * events
     assert totals(ledger, run) == (events, total)
     view = wait_until(lambda: refused(ledger, [team, app, roomy], [team, app]), "the blocks", timeout=30)
@@ -202,8 +204,9 @@ def test_a_stop_drains_and_a_restart_keeps_every_event_budget_block_and_pending_
     # The budget agent's spend is ClickHouse's, to the cent.
     assert agent_spend(ledger, roomy, total + COST) == total + COST
     print(
-        f"\nstop: {events:,} acknowledged, drain+stop {stop_s:.1f} s; "
-        f"after restart {totals(ledger, run)[0]:,} rows, total {total}"
+        f"\nstop: {events:,} acknowledged (+1 pending request), drain and stop {stop_s:.1f} s, restart "
+        f"{restart_s:.1f} s; after the restart {totals(ledger, run)[0]:,} rows, total {total + COST}; "
+        f"blocked before and after: {team}, {app}"
     )
 
 
@@ -243,9 +246,12 @@ def test_kill_9_of_everything_loses_nothing_acknowledged_and_budgets_agree_with_
     )
     wait_until(lambda: budgets_view_safe(ledger, [team]), "the budget to show")
     assert send_all(ledger, [call(run, i, team) for i in range(events)]) == events
-    lifecycle.kill()  # right after the last 202: most of it is still in flight
+    landed_at_kill = totals(ledger, run)[0]
+    lifecycle.kill()  # right after the last 202: much of it is still in flight
 
+    started = time.monotonic()
     ledger = lifecycle.start()
+    restart_s = time.monotonic() - started
     total = COST * events
     ledger.wait_for(
         f"SELECT count() FROM spend_records WHERE request_id LIKE '{run}-%'",
@@ -256,3 +262,7 @@ def test_kill_9_of_everything_loses_nothing_acknowledged_and_budgets_agree_with_
     view = wait_until(lambda: refused(ledger, [team], [team]), "the block")
     assert view[team][2] is True
     assert agent_spend(ledger, team, total) == total
+    print(
+        f"\nkill -9: {events:,} acknowledged, {landed_at_kill:,} landed when killed; restart "
+        f"{restart_s:.1f} s; after it {totals(ledger, run)[0]:,} rows, total {total}, {team} blocked"
+    )
