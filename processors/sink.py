@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from processors import metrics
 from processors.deadletter import describe
@@ -85,6 +85,7 @@ class Message:
     offset: int
     value: bytes | None
     key: bytes | None = None
+    timestamp_ms: int | None = None  # when the producer sent it (a tombstone's deletion time)
 
 
 @dataclass
@@ -308,11 +309,19 @@ def _plain(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def _sent_ms(message: Any) -> int | None:
+    kind, ms = message.timestamp()
+    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else None
+
+
 def _budget_row(message: Message) -> list[Any]:
     if message.value is None:
         if not message.key:
             raise ValueError("a budget tombstone without a key")
-        now = datetime.now().astimezone()
+        # The deletion's time is when the API sent it, not when it lands: a budget created again
+        # right after (its updated_at, the API's clock) is newer than the deletion however late it lands.
+        sent = message.timestamp_ms
+        now = datetime.fromtimestamp(sent / 1000, UTC) if sent else datetime.now(UTC)
         return [message.key.decode(), None, None, "", [], 1, now, "calendar", "tag", now]
     d = BudgetDefinition.model_validate_json(message.value)
     return [
@@ -515,7 +524,9 @@ class Sink:
     def _flush_with_retry(self, consumer: Any, buffer: list[Any]) -> None:
         """Flush until the batch lands. After FLUSH_ATTEMPTS failures it is landed apart, so rows
         ClickHouse refuses become rejects; while ClickHouse does not answer, it is only retried."""
-        messages = [Message(m.topic(), m.partition(), m.offset(), m.value(), m.key()) for m in buffer]
+        messages = [
+            Message(m.topic(), m.partition(), m.offset(), m.value(), m.key(), _sent_ms(m)) for m in buffer
+        ]
         delay = 0.2
         failures = 0
         while True:

@@ -52,6 +52,7 @@ class EmbeddedSystem:
     _child_env: dict[str, dict[str, str]] = field(default_factory=dict, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     abort_drain: threading.Event = field(default_factory=threading.Event, init=False)
+    _lock_fd: int | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     @property
@@ -65,6 +66,7 @@ class EmbeddedSystem:
     def start(self) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
+        self._lock_data_dir()
         self.log_dir.mkdir(mode=0o700, exist_ok=True)
         env = dict(self.env)
         self._keys(env)
@@ -104,6 +106,18 @@ class EmbeddedSystem:
         self._spawn("api")
         self._wait_ready()
 
+    def _lock_data_dir(self) -> None:
+        """One system per data dir: a second `up` would replay and prune the first one's journal."""
+        import fcntl
+
+        fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"{self.data_dir} is in use by another `spendledger up`") from None
+        self._lock_fd = fd  # held until this process exits
+
     def settings(self) -> Settings:
         """The settings the children run with."""
         return Settings.model_validate(_settings_from(self.child_env))
@@ -118,6 +132,7 @@ class EmbeddedSystem:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
+                start_new_session=True,  # a Ctrl-C of `up` does not cut a restore short
             )
             assert process.stdout is not None  # noqa: S101 - asked for above
             for line in process.stdout:  # its progress, as it goes
@@ -270,6 +285,10 @@ class EmbeddedSystem:
         services read is processed up to its end, showing progress. Returns the messages left."""
         api = self.children.get("api")
         if api is None or api.poll() is not None or not self.child_env:
+            if api is not None:
+                self.say(
+                    "    the API is not running, so nothing can drain; what is left is sent again at the next start"
+                )
             return 0
         api.send_signal(signal.SIGUSR1)
         settings = self.settings()
@@ -279,7 +298,7 @@ class EmbeddedSystem:
         clear, left, shown = 0, 0, -1
         while time.monotonic() < deadline and not self.abort_drain.is_set():
             try:
-                lag = consumer_lag(settings, groups, timeout_s=5)
+                lag = consumer_lag(settings, groups, timeout_s=2)
             except Exception as exc:  # the broker went away: nothing more can drain
                 self.say(f"    cannot read the pipeline's progress: {exc}")
                 break

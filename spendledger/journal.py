@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -53,9 +53,13 @@ class Journal:
         with self._lock:
             if self._file is None or self._size >= self.segment_max_bytes:
                 self._file = self._open_next()
-            self._file.write(data)
-            self._file.flush()
-            os.fdatasync(self._file.fileno())
+            try:
+                self._file.write(data)
+                self._file.flush()
+                os.fdatasync(self._file.fileno())
+            except OSError:
+                self._close()  # a half-written entry ends this segment; the next append starts another
+                raise
             self._size += len(data)
 
     def rotate(self, min_age_s: float = 0.0) -> None:
@@ -95,22 +99,42 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(SEGMENT_GLOB), key=_number) if directory.is_dir() else []
 
 
-def read_segment(path: Path) -> Iterator[Entry]:
-    """The entries of a segment, up to its first torn or corrupt entry."""
-    data = path.read_bytes()
+def read_segment(path: Path) -> list[Entry]:
+    """The entries of a segment, up to its first torn or corrupt entry (see `is_whole`)."""
+    return _scan(path.read_bytes())[0]
+
+
+def is_whole(path: Path) -> bool:
+    """True unless an entry inside the segment is corrupt (a torn last entry is an unanswered write)."""
+    return not _scan(path.read_bytes())[1]
+
+
+def _scan(data: bytes) -> tuple[list[Entry], bool]:
+    """The intact entries from the start, and whether a corrupt entry (not a torn end) stopped them."""
+    entries: list[Entry] = []
     at = 0
     while at + _HEAD.size <= len(data):
         topic_len, key_len, value_len = _HEAD.unpack_from(data, at)
         tombstone = value_len == _NONE
         end = at + _HEAD.size + topic_len + key_len + (0 if tombstone else value_len) + _CRC.size
         if end > len(data):
-            return
+            break
         body = data[at + _HEAD.size : end - _CRC.size]
         if zlib.crc32(body) != _CRC.unpack_from(data, end - _CRC.size)[0]:
-            return
+            return entries, True
         key_end = topic_len + key_len
-        yield body[:topic_len].decode(), body[topic_len:key_end], None if tombstone else body[key_end:]
+        entries.append(
+            (body[:topic_len].decode(), body[topic_len:key_end], None if tombstone else body[key_end:])
+        )
         at = end
+    return entries, False
+
+
+def set_aside(path: Path) -> Path:
+    """Keep a segment that did not read whole out of the journal's way, for a person to look at."""
+    target = path.with_suffix(".damaged")
+    path.rename(target)
+    return target
 
 
 def write_segment(directory: Path, entries: Sequence[Entry]) -> None:

@@ -38,7 +38,8 @@ import orjson
 from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from ingest.events import raw_messages
+from ingest.events import partition_of, raw_messages
+from ledger import PendingCall
 from ledger.budgets import (
     DAY_MS,
     MINUTE_MS,
@@ -53,13 +54,13 @@ from processors.budgets import BudgetStore, block_signal, tag_partition
 from schemas.budgets import BudgetDefinition
 from schemas.topics import Topics
 from spendledger.errors import StartupError
-from spendledger.journal import read_segment, remove, segments, write_segment
+from spendledger.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
 from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Ids per look-up query: ClickHouse refuses a query over 256 KiB.
-_LOOKUP_IDS = 2000
+# Characters of ids per look-up query: ClickHouse refuses a query over 256 KiB.
+_LOOKUP_CHARS = 100_000
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Restored:
     blocked: int = 0
     replayed: int = 0
     landed: int = 0
+    done_markers: int = 0
 
 
 # ------------------------------------------------------------------ journal
@@ -80,7 +82,7 @@ class Unsettled:
 
     events: list[dict[str, Any]]  # raw events whose call neither landed nor was rejected, in order
     budgets: list[tuple[bytes, bytes | None]]  # the latest change of each budget not in tag_budgets
-    settled: int = 0  # raw events whose call had settled
+    settled: int = 0  # raw events that had settled (or were copies of another)
 
     def __bool__(self) -> bool:
         return bool(self.events or self.budgets)
@@ -96,8 +98,9 @@ def find_unsettled(client: Any, paths: Iterable[Path], topics: Topics) -> Unsett
                 changes[key] = value  # in order of the latest change
             elif topic == topics.raw and value is not None:
                 events += _events(value)
-    settled = settled_request_ids(client, events, topics.raw)
-    left = [e for e in events if e["request_id"] not in settled]
+    unique = list({_identity(e): e for e in reversed(events)}.values())[::-1]  # a retried copy once
+    settled = settled_events(client, unique, topics)
+    left = [e for e in unique if _identity(e) not in settled]
     budgets = unlanded_budgets(client, changes) if changes else []
     return Unsettled(left, budgets, len(events) - len(left))
 
@@ -111,31 +114,67 @@ def _events(value: bytes) -> list[dict[str, Any]]:
     return [e for e in found if isinstance(e, dict) and isinstance(e.get("request_id"), str)]
 
 
-def settled_request_ids(client: Any, events: list[dict[str, Any]], raw_topic: str) -> set[str]:
-    """The request ids of these events whose call landed in `spend_records` or was rejected from
-    spend.raw. The look-up is bounded to a week around the events' times (a call's record carries one
-    of its events' times), so it reads a few days' parts, not the whole ledger."""
-    request_ids = list({e["request_id"] for e in events})
-    if not request_ids:
+def _identity(event: dict[str, Any]) -> tuple[str, str]:
+    """How a journal event is known: its request and its own id (the API always assigns one)."""
+    return event["request_id"], str(event.get("event_id") or event.get("kind"))
+
+
+def settled_events(client: Any, events: list[dict[str, Any]], topics: Topics) -> set[tuple[str, str]]:
+    """The identities of these events that settled: a usage or completed event once a record carries its
+    event_id (the billing event's); a request event once its call has a record; any event once it, or
+    its call's record, was rejected. The look-up is bounded to a month around the events' times (a
+    record carries one of its call's event times), so it reads a few parts, not the whole ledger."""
+    if not events:
         return set()
     times = [t for t in map(_event_time, events) if t is not None]
     start = min(times, default=datetime(2000, 1, 1, tzinfo=UTC)) - _SETTLE_MARGIN
     end = max(times, default=datetime(2299, 1, 1, tzinfo=UTC)) + _SETTLE_MARGIN
-    found: set[str] = set()
-    for first in range(0, len(request_ids), _LOOKUP_IDS):
-        params = {"ids": tuple(request_ids[first : first + _LOOKUP_IDS]), "topic": raw_topic,
-                  "start": start, "end": end}  # fmt: skip
-        for query in (
-            "SELECT DISTINCT request_id FROM spend_records WHERE occurred_at >= %(start)s "
-            "AND occurred_at <= %(end)s AND request_id IN %(ids)s",
-            "SELECT DISTINCT JSONExtractString(payload, 'request_id') AS r FROM spend_rejects "
-            "WHERE rejected_at >= %(start)s AND source_topic = %(topic)s AND r IN %(ids)s",
+    landed: set[tuple[str, str]] = set()  # (request_id, event_id) of records
+    rejected: set[str] = set()
+    for ids in _slices(list({e["request_id"] for e in events})):
+        params = {"ids": ids, "topics": (topics.raw, topics.attributed), "start": start, "end": end}
+        landed |= {
+            (r, e)
+            for r, e in client.query(
+                "SELECT request_id, event_id FROM spend_records WHERE occurred_at >= %(start)s "
+                "AND occurred_at <= %(end)s AND request_id IN %(ids)s",
+                parameters=params,
+            ).result_rows
+        }
+        rejected |= {
+            row[0]
+            for row in client.query(
+                "SELECT DISTINCT JSONExtractString(payload, 'request_id') AS r FROM spend_rejects "
+                "WHERE rejected_at >= %(start)s AND source_topic IN %(topics)s AND r IN %(ids)s",
+                parameters=params,
+            ).result_rows
+        }
+    called = {r for r, _ in landed}
+    out = set()
+    for event in events:
+        request_id, event_id = identity = _identity(event)
+        if request_id in rejected or (
+            request_id in called if event.get("kind") == "request" else identity in landed
         ):
-            found |= {row[0] for row in client.query(query, parameters=params).result_rows}
-    return found
+            out.add(identity)
+    return out
 
 
-_SETTLE_MARGIN = timedelta(days=7)
+_SETTLE_MARGIN = timedelta(days=31)
+
+
+def _slices(ids: list[str]) -> list[tuple[str, ...]]:
+    """The ids in groups whose quoted list stays well under ClickHouse's 256 KiB query limit."""
+    out: list[tuple[str, ...]] = []
+    group: list[str] = []
+    size = 0
+    for one in ids:
+        if group and size + len(one) > _LOOKUP_CHARS:
+            out.append(tuple(group))
+            group, size = [], 0
+        group.append(one)
+        size += len(one) + 4
+    return [*out, tuple(group)] if group else out
 
 
 def _event_time(event: dict[str, Any]) -> datetime | None:
@@ -152,34 +191,32 @@ def _event_time(event: dict[str, Any]) -> datetime | None:
 
 def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes | None]]:
     """The budget changes `tag_budgets` does not show yet (a definition at least as new, or a deletion)."""
-    tags = tuple(key.decode() for key in changes)
-    latest = {
-        tag: (_utc(updated), bool(deleted))
+    latest: dict[str, tuple[datetime, bool]] = {}
+    for tags in _slices([key.decode() for key in changes]):
         for tag, updated, deleted in client.query(
             "SELECT tag, max(updated_at), argMax(deleted, updated_at) FROM tag_budgets "
             "WHERE tag IN %(tags)s GROUP BY tag",
             parameters={"tags": tags},
-        ).result_rows
-    }
+        ).result_rows:
+            latest[tag] = (_utc(updated), bool(deleted))
     out: list[tuple[bytes, bytes | None]] = []
     for key, value in changes.items():
         landed = latest.get(key.decode())
         if value is None:
             if landed is not None and not landed[1]:
                 out.append((key, value))
-        elif landed is None or landed[0] < _ms(BudgetDefinition.model_validate_json(value).updated_at):
+        elif (
+            landed is None
+            or landed[1]
+            or landed[0] < _ms(BudgetDefinition.model_validate_json(value).updated_at)
+        ):
             out.append((key, value))
     return out
 
 
-def prune_journal(client: Any, closed: list[Path], topics: Topics) -> int:
-    """Delete the closed segments whose every message settled; returns how many were deleted."""
-    deleted = 0
-    for path in closed:
-        if not find_unsettled(client, [path], topics):
-            remove([path])
-            deleted += 1
-    return deleted
+def settled_segments(client: Any, closed: list[Path], topics: Topics) -> list[Path]:
+    """The closed segments whose every message settled in ClickHouse."""
+    return [path for path in closed if not find_unsettled(client, [path], topics)]
 
 
 # ------------------------------------------------------------------ budgets
@@ -373,6 +410,20 @@ def restore(
             done.blocked += account.status.blocked
     done.tags = len(accounts)
 
+    # The join's done markers of the calls landed lately, so a request or usage sent again is a
+    # duplicate as it would have been before the stop.
+    join_changelog = topics.changelog("pending-calls")
+    since = _at(now_ms - int(settings.join_done_retention_s * 1000))
+    for (request_id,) in client.query(
+        "SELECT DISTINCT request_id FROM spend_records WHERE landed_at >= %(since)s AND join_kind != 'completed'",
+        parameters={"since": since},
+    ).result_rows:
+        key = request_id.encode()
+        partition = partition_of(key, partitions)
+        marker = PendingCall(partition=partition, first_seen_ms=now_ms, done_ms=now_ms).encode()
+        producer.send(join_changelog, key, marker, partition)
+        done.done_markers += 1
+
     messages = raw_messages(journal.events, partitions) if journal.events else []
     for key, value in messages:
         producer.send(topics.raw, key, value)
@@ -383,10 +434,18 @@ def restore(
         ]
         if kept:
             write_segment(journal_dir, kept)
-        remove(paths)
+        damaged = [path for path in paths if not is_whole(path)]
+        for path in damaged:  # a torn tail is an unanswered write; anything else is kept for a person
+            say(
+                f"    journal segment {path.name} is damaged past its first entries; kept as {set_aside(path).name}"
+            )
+        remove([path for path in paths if path not in damaged])
     done.replayed, done.landed = len(journal.events), journal.settled
     say(f"    {done.budgets} budgets, spend of {done.tags} tags, {done.blocked} blocked")
     say(f"    journal: {done.replayed} events not landed yet, sent again ({done.landed} had landed)")
+    say(
+        f"    join: {done.done_markers} calls landed in the last {settings.join_done_retention_s:.0f} s marked done"
+    )
     return done
 
 

@@ -33,6 +33,9 @@ def run_api(settings: Settings) -> None:
 
     import uvicorn
 
+    draining = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: draining.set())  # first: `up` may drain a starting API
+
     from ingest.analytics import ClickHouseReports
     from ingest.app import Services, create_app
     from ingest.publisher import EventPublisher, JournaledPublisher, KafkaPublisher
@@ -51,6 +54,7 @@ def run_api(settings: Settings) -> None:
         queries=ClickHouseQueryEngine(client),
         budgets=build_budget_services(settings),
         reports=ClickHouseReports(connect(settings, create_database=False), settings.sql_max_seconds),
+        draining=draining,
     )
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]
     if settings.embedded_sink:
@@ -69,7 +73,6 @@ def run_api(settings: Settings) -> None:
             pruner.start()
             services.on_shutdown.append(pruner.stop)
         services.on_shutdown.append(stop_sink)
-    signal.signal(signal.SIGUSR1, lambda *_: services.draining.set())
     config = uvicorn.Config(
         create_app(services),
         host=settings.api_host,
@@ -101,13 +104,19 @@ def draining_server(config: Any, draining: threading.Event, grace_s: float) -> A
 
 
 class JournalPruner:
-    """Closes the journal's segment every `interval_s` and deletes the closed ones whose calls all landed."""
+    """Closes the journal's segment every `interval_s` and deletes a closed one once all it holds has
+    landed, and stayed landed for `settle_s`: ClickHouse writes parts without fsync, so a row is on disk
+    for sure only after the kernel's writeback (30 s by default) has run."""
 
-    def __init__(self, journal: Any, client: Any, settings: Settings, interval_s: float = 30.0) -> None:
+    def __init__(
+        self, journal: Any, client: Any, settings: Settings, interval_s: float = 30.0, settle_s: float = 60.0
+    ) -> None:
         self.journal = journal
         self.client = client
         self.topics = settings.topics
         self.interval_s = interval_s
+        self.settle_s = settle_s
+        self._settled_at: dict[Any, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="journal-pruner", daemon=True)
 
@@ -125,14 +134,23 @@ class JournalPruner:
             self.prune()
 
     def prune(self) -> None:
-        from spendledger.restore import prune_journal
+        import time
+
+        from spendledger.journal import remove
+        from spendledger.restore import settled_segments
 
         try:
-            deleted = prune_journal(self.client, self.journal.closed_segments(), self.topics)
-            if deleted:
-                log.info("journal pruned", extra={"segments": deleted})
+            settled = settled_segments(self.client, self.journal.closed_segments(), self.topics)
         except Exception as exc:  # ClickHouse busy or down: the segments wait for the next pass
             log.warning("journal pruning failed", extra={"error": str(exc)})
+            return
+        now = time.monotonic()
+        due = [path for path in settled if now - self._settled_at.setdefault(path, now) >= self.settle_s]
+        remove(due)
+        for path in due:
+            del self._settled_at[path]
+        if due:
+            log.info("journal pruned", extra={"segments": len(due)})
 
 
 def build_budget_services(settings: Settings) -> Any:

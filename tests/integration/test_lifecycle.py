@@ -196,6 +196,7 @@ def test_a_stop_drains_and_a_restart_keeps_every_event_budget_block_and_pending_
     usage = {"kind": "usage", "event_id": f"{run}-pu", "request_id": f"{run}-pending",
              "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}  # fmt: skip
     assert ledger.send(usage).status_code == 202
+    wait_for_worker(ledger)
     ledger.wait_for(
         f"SELECT join_kind, toString(cost_usd) FROM spend_records WHERE request_id = '{run}-pending'",
         lambda rows: rows == [["joined", "0.0045"]],
@@ -224,6 +225,25 @@ def agent_spend(ledger: Ledger, tag: str, expected: Decimal) -> Decimal | None:
             time.sleep(0.3)
     finally:
         guard.stop()
+
+
+def wait_for_worker(ledger: Ledger, timeout: float = 120) -> None:
+    """Until the worker has taken in an event since its start (its recovery is over), saying what it
+    reports if it never does."""
+    port = ledger.system.worker_ports["worker"]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            metrics = ""
+        if "spendledger_worker_events_total{" in metrics:
+            return
+        if time.monotonic() > deadline:
+            lines = [line for line in metrics.splitlines() if line.startswith("spendledger_")]
+            log = (ledger.system.log_dir / "worker.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"the worker took in no event in {timeout:.0f} s: {lines[:40]}\n{log}")
+        time.sleep(0.5)
 
 
 def budgets_view_safe(ledger: Ledger, tags: list[str]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The ingest journal: what was appended is read back in order; a torn or corrupt tail ends a segment."""
 
+import os
 import stat
 from pathlib import Path
 
-from spendledger.journal import Journal, read_segment, remove, segments, write_segment
+import pytest
+
+from spendledger.journal import Journal, is_whole, read_segment, remove, segments, set_aside, write_segment
 
 
 def test_appended_messages_come_back_in_order_with_their_topics_and_tombstones(tmp_path: Path) -> None:
@@ -37,10 +40,32 @@ def test_a_torn_or_corrupt_tail_ends_the_segment_and_what_came_before_is_kept(tm
     whole = path.read_bytes()
     path.write_bytes(whole[:-3])
     assert list(read_segment(path)) == [("t", b"k1", b"v1")]
+    assert is_whole(path)  # a torn end is an unanswered write, not damage
     corrupt = bytearray(whole)
     corrupt[-6] ^= 0xFF  # inside the second entry's value
     path.write_bytes(bytes(corrupt))
     assert list(read_segment(path)) == [("t", b"k1", b"v1")]
+    assert not is_whole(path)
+    assert set_aside(path).name.endswith(".damaged") and segments(tmp_path) == []
+
+
+def test_a_failed_write_ends_its_segment_so_later_entries_are_not_hidden_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path)
+    journal.append("t", [(b"k1", b"v1")])
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full_disk)
+    with pytest.raises(OSError):
+        journal.append("t", [(b"k2", b"v2")])
+    monkeypatch.undo()
+    journal.append("t", [(b"k3", b"v3")])
+    journal.close()
+    # k2 reached the file but not for sure the disk: unanswered, harmless if replayed (same event id).
+    assert [[key for _, key, _ in read_segment(p)] for p in segments(tmp_path)] == [[b"k1", b"k2"], [b"k3"]]
 
 
 def test_rotation_closes_the_current_segment_and_the_next_append_opens_a_new_one(tmp_path: Path) -> None:
