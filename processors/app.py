@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -248,6 +249,7 @@ def create_app(settings: Settings) -> faust.App:
     attributor = Attributor(settings.attribution_policy(), load_price_book(settings.price_overrides_file))
 
     reject = rejecter(outbox, topics.dead_letter)
+    watch = StallWatch(app, [topics.raw, topics.budgets, topics.tag_spend], settings.worker_stall_timeout_s)
 
     def attribute(calls: Iterable[JoinedCall], source: Source | None) -> list[Attributed]:
         records = []
@@ -281,6 +283,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(raw_topic, concurrency=1)
     async def ledger(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            watch.took_in()
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
             bounds = time_bounds(datetime.fromtimestamp(now_ms / 1000, UTC), settings.max_future_skew_s)
@@ -341,7 +344,7 @@ def create_app(settings: Settings) -> faust.App:
         await outbox.flush()
         metrics.PENDING_CALLS.set(len(state.pending))
 
-    install_budgets(app, settings)
+    install_budgets(app, settings, watch)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -353,6 +356,50 @@ def create_app(settings: Settings) -> faust.App:
         return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
+
+
+class StallWatch:
+    """Ends the worker when its streams have messages waiting and none was taken in for `timeout_s`
+    outside a rebalance or recovery.
+
+    After a restart on topics filled before it started (the embedded system's restore), a worker
+    under CPU load was seen to recover its tables and then fetch nothing more from its streams, for
+    good. A new worker reads on: `up`'s supervisor (or an orchestrator) starts one, and at-least-once
+    delivery replays what this one had not committed."""
+
+    def __init__(self, app: faust.App, topics: list[str], timeout_s: float) -> None:
+        self.app = app
+        self.topics = set(topics)
+        self.timeout_s = timeout_s
+        self.taken_at = time.monotonic()
+        app.timer(max(1.0, timeout_s / 6), name="stall-watch")(self.check)
+
+    def took_in(self) -> None:
+        self.taken_at = time.monotonic()
+
+    async def check(self) -> None:
+        app: Any = self.app
+        if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
+            self.took_in()  # the clock starts when the streams may run
+            return
+        if time.monotonic() - self.taken_at < self.timeout_s:
+            return
+        consumer = app.consumer
+        streams = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics]
+        ends = await consumer.highwaters(*streams) if streams else {}
+        waiting = {}
+        for tp, end in ends.items():
+            done = max(consumer._read_offset.get(tp) or -1, (consumer._committed_offset.get(tp) or 0) - 1)
+            if end - 1 > done:
+                waiting[f"{tp.topic}/{tp.partition}"] = end - 1 - done
+        if not waiting:
+            self.took_in()
+            return
+        idle_s = round(time.monotonic() - self.taken_at)
+        log.error(
+            "worker stalled: %s wait, none taken in for %d s; exiting for a fresh worker", waiting, idle_s
+        )
+        os._exit(75)
 
 
 def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendItem]]:
@@ -429,7 +476,7 @@ def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
 
 
-def install_budgets(app: faust.App, settings: Settings) -> None:
+def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> None:
     """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer.
 
     They have their own outbox: a flush waits for everything queued in its producer, and with one
@@ -473,6 +520,7 @@ def install_budgets(app: faust.App, settings: Settings) -> None:
     async def forward_budgets(stream: Any) -> None:
         """Budget definitions join their tag's spend stream, so both are applied in order."""
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            watch.took_in()
             for event in events:
                 message = event.message
                 try:
@@ -489,6 +537,7 @@ def install_budgets(app: faust.App, settings: Settings) -> None:
     @app.agent(tag_spend_topic, concurrency=1)
     async def budgets(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
+            watch.took_in()
             started = time.perf_counter()
             touched: dict[str, bool] = {}
             deleted: list[tuple[str, Any, Any]] = []

@@ -60,7 +60,7 @@ RECORD_COLUMNS: list[str] = list(AttributedRecord.model_fields)
 REJECT_COLUMNS: list[str] = list(Reject.model_fields)
 BUDGET_COLUMNS = [
     "tag", "max_budget_usd", "soft_budget_usd", "budget_duration", "alert_thresholds",
-    "deleted", "updated_at", "window", "source", "created_at",
+    "deleted", "updated_at", "window", "source", "created_at", "description",
 ]  # fmt: skip
 BUDGET_EVENT_COLUMNS = [
     "at", "tag", "event_type", "threshold_pct", "spend_usd", "max_budget_usd",
@@ -322,11 +322,11 @@ def _budget_row(message: Message) -> list[Any]:
         # right after (its updated_at, the API's clock) is newer than the deletion however late it lands.
         sent = message.timestamp_ms
         now = datetime.fromtimestamp(sent / 1000, UTC) if sent else datetime.now(UTC)
-        return [message.key.decode(), None, None, "", [], 1, now, "calendar", "tag", now]
+        return [message.key.decode(), None, None, "", [], 1, now, "calendar", "tag", now, None]
     d = BudgetDefinition.model_validate_json(message.value)
     return [
         d.tag, d.max_budget_usd, d.soft_budget_usd, d.budget_duration, d.alert_thresholds,
-        0, d.updated_at, d.window, d.source, d.created_at,
+        0, d.updated_at, d.window, d.source, d.created_at, d.description,
     ]  # fmt: skip
 
 

@@ -116,7 +116,7 @@ class EmbeddedSystem:
         except BlockingIOError:
             os.close(fd)
             raise StartupError(f"{self.data_dir} is in use by another `spendledger up`") from None
-        self._lock_fd = fd  # held until this process exits
+        self._lock_fd = fd  # held until `stop()` (or this process's end)
 
     def settings(self) -> Settings:
         """The settings the children run with."""
@@ -278,7 +278,14 @@ class EmbeddedSystem:
         left = self.drain(drain_timeout_s) if drain_timeout_s else 0
         with self._lock:
             self._stop_children()
+        self.release_data_dir()
         return left
+
+    def release_data_dir(self) -> None:
+        """Let the next system use the data dir (what the end of this process does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def drain(self, timeout_s: float) -> int:
         """Refuse new events (the API answers 503 with Retry-After), then wait until every topic the

@@ -228,7 +228,8 @@ def load_definitions(client: Any) -> dict[str, BudgetDefinition]:
         "SELECT tag, argMax(max_budget_usd, updated_at), argMax(soft_budget_usd, updated_at), "
         "argMax(budget_duration, updated_at), argMax(alert_thresholds, updated_at), "
         "argMax(deleted, updated_at), argMax(window, updated_at), argMax(source, updated_at), "
-        "argMax(created_at, updated_at), max(updated_at) FROM tag_budgets GROUP BY tag"
+        "argMax(created_at, updated_at), max(updated_at), argMax(description, updated_at) "
+        "FROM tag_budgets GROUP BY tag"
     )
     out = {}
     for (
@@ -242,6 +243,7 @@ def load_definitions(client: Any) -> dict[str, BudgetDefinition]:
         source,
         created,
         updated,
+        text,
     ) in result.result_rows:
         if deleted:
             continue
@@ -255,6 +257,7 @@ def load_definitions(client: Any) -> dict[str, BudgetDefinition]:
             source=source,
             created_at=_utc(created),
             updated_at=_utc(updated),
+            description=text,
         )
     return out
 

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(default=2000, ge=1)
     batch_within_s: float = Field(default=0.02, gt=0)
     worker_fetch_wait_ms: int = Field(default=50, ge=10, le=1500)
+    worker_stall_timeout_s: float = Field(
+        default=60.0,
+        ge=5,
+        description="a worker whose streams have messages waiting and that took none in for this long "
+        "(outside a rebalance) exits, for its supervisor to start a fresh one",
+    )
     price_overrides_file: Path | None = None
     user_id_hmac_key: SecretStr | None = None
     max_tags: int = Field(default=50, ge=1)

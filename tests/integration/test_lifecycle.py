@@ -62,6 +62,7 @@ class Lifecycle:
             data_dir=self.data_dir, port=free_port(), kafka_port=free_port(), env=env, say=self.said.append
         )
         self.system.start()
+        self.system.start_supervisor()  # as `up` does
         return Ledger(self.system)
 
     def stop(self) -> tuple[int, float]:
@@ -74,18 +75,22 @@ class Lifecycle:
         """kill -9 of the broker and every child, as a power cut or an OOM kill would."""
         assert self.system is not None
         processes = [*self.system.children.values(), self.system.broker]
+        self.system._stopping.set()  # no restarts: the supervisor dies with `up`
         for process in processes:
             if process is not None and process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
         for process in processes:
             if process is not None:
                 process.wait(10)
+        self.system.release_data_dir()  # as the end of a killed `up` would
         self.system = None
 
 
 @pytest.fixture
 def lifecycle(tmp_path: Path) -> Iterator[Lifecycle]:
-    cycle = Lifecycle(tmp_path / "data")
+    cycle = Lifecycle(
+        tmp_path / "data", **({"log_level": os.environ["LC_LOG"]} if "LC_LOG" in os.environ else {})
+    )
     try:
         yield cycle
     finally:
@@ -240,9 +245,18 @@ def wait_for_worker(ledger: Ledger, timeout: float = 120) -> None:
         if "spendledger_worker_events_total{" in metrics:
             return
         if time.monotonic() > deadline:
-            lines = [line for line in metrics.splitlines() if line.startswith("spendledger_")]
+            lines = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("spendledger_") and "_bucket" not in line and "_created" not in line
+            ]
+            from spendledger.kafka import consumer_lag
+
+            lines.append(
+                f"lag: {consumer_lag(ledger.system.settings(), ledger.system.settings().topics.consumed())}"
+            )
             log = (ledger.system.log_dir / "worker.log").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"the worker took in no event in {timeout:.0f} s: {lines[:40]}\n{log}")
+            raise AssertionError(f"the worker took in no event in {timeout:.0f} s: {lines}\n{log}")
         time.sleep(0.5)
 
 

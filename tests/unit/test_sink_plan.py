@@ -149,3 +149,15 @@ def test_a_retry_stamped_later_than_its_original_lands_once():
     landing = land(store, [msg(1, retry.model_dump_json().encode())])
     assert landing.records == [] and landing.duplicates == 1
     assert store.records["e1"].occurred_at == first.occurred_at  # the first copy stays
+
+
+def test_a_deletion_lands_with_the_time_it_was_sent_so_a_budget_created_again_after_it_wins():
+    """The sink may land a deletion late: stamped with its own clock it would beat the definition sent
+    right after it (`argMax(…, updated_at)`), and the budget would be gone at the next restore."""
+    from datetime import UTC, datetime
+
+    sent = datetime(2026, 12, 1, 10, 0, 0, 123000, tzinfo=UTC)
+    tombstone = Message("spend.budgets", 0, 7, None, b"team:x", int(sent.timestamp() * 1000))
+    landing = plan_landing([tombstone], topics=Topics(), landed={}, store=MemoryStore())
+    [row] = landing.budgets
+    assert row[0] == "team:x" and row[5] == 1 and row[6] == sent

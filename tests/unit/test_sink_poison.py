@@ -135,6 +135,9 @@ class KafkaMessage:
     def value(self):
         return self.m.value
 
+    def timestamp(self):
+        return (1, self.m.timestamp_ms or 0)  # TIMESTAMP_CREATE_TIME
+
     def key(self):
         return self.m.key
 
