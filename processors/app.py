@@ -45,6 +45,7 @@ from processors.budgets import (
     block_signal,
     compact,
     outcome_messages,
+    read_state,
     read_tag_spend,
     spend_messages,
 )
@@ -534,6 +535,28 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
                 outbox.put(topics.tag_spend, message.key, value.model_dump_json().encode())
             await outbox.flush()
 
+    def load_state(events: list[Any]) -> set[Any]:
+        """Stored state a restore sent (it comes first in its partitions, so it is loaded before the
+        batch's spend); returns the events that carried it."""
+        carried, entries = set(), []
+        for event in events:
+            try:
+                found = read_state(event.message.value)
+            except Exception as exc:
+                reject("budgets", event.message, f"cannot load restored state: {describe(exc)}")
+                carried.add(event)
+                continue
+            if found is not None:
+                carried.add(event)
+                entries += found
+        if entries:
+            store.load(entries, assigned())
+            metrics.BUDGET_TAGS.set(len(store.accounts))
+            log.info(
+                "budget state loaded from a restore: %d keys, %d tags", len(entries), len(store.accounts)
+            )
+        return carried
+
     @app.agent(tag_spend_topic, concurrency=1)
     async def budgets(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max_events, within=settings.batch_within_s):
@@ -542,9 +565,12 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
             touched: dict[str, bool] = {}
             deleted: list[tuple[str, Any, Any]] = []
             last_message: dict[str, Any] = {}  # per tag, the message a failure to evaluate is reported on
+            restored = load_state(events)
             # Any error is one message's (or one tag's) reject, never the agent's crash (DESIGN §9.7).
             for event in events:
                 message = event.message
+                if event in restored:
+                    continue
                 try:
                     spends = read_tag_spend(message.key, message.value)
                 except Exception as exc:

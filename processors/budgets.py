@@ -97,6 +97,32 @@ def _item(event_id: Any, occurred_ms: Any, cost: Any) -> SpendItem:
     return event_id, occurred_ms, Decimal(cost)
 
 
+MAX_STATE_ENTRIES = 2000  # stored keys per `state` message: well under Kafka's 1 MiB
+
+
+def state_messages(entries: Iterable[tuple[int, bytes, bytes]]) -> Iterator[tuple[bytes, bytes, int]]:
+    """`spend.tag-spend` messages that carry stored state (`BudgetStore` keys and values, as written to
+    its table) to the budget agent, as (key, value, partition): `{"type": "state", "entries":
+    [[key, value], ...]}`, one tag's keys per message, at most MAX_STATE_ENTRIES each. A restore sends
+    them to an empty broker before the worker starts (spendledger.restore)."""
+    by_tag: dict[tuple[str, int], list[list[str]]] = {}
+    for partition, key, value in entries:
+        tag = key.decode().split(SEP)[1]
+        by_tag.setdefault((tag, partition), []).append([key.decode(), value.decode()])
+    for (tag, partition), items in by_tag.items():
+        for start in range(0, len(items), MAX_STATE_ENTRIES):
+            chunk = items[start : start + MAX_STATE_ENTRIES]
+            yield tag.encode(), orjson.dumps({"type": "state", "entries": chunk}), partition
+
+
+def read_state(value: bytes | None) -> list[tuple[bytes, bytes]] | None:
+    """The stored keys and values of a `state` message (see `state_messages`); None for any other message."""
+    if value is None or not value.startswith(b'{"type":"state"'):
+        return None
+    entries = orjson.loads(value)["entries"]
+    return [(key.encode(), stored.encode()) for key, stored in entries]
+
+
 def read_tag_spend(key: bytes | None, value: bytes | None) -> list[tuple[str, list[SpendItem] | TagSpend]]:
     """A `spend.tag-spend` message as (tag, spend items) pairs, or (tag, TagSpend) for a single-tag
     message (a budget definition, or spend as written before bundles). Raises ValueError."""
@@ -313,6 +339,14 @@ class BudgetStore:
             account.history.drop_covered()
             if account.history.changed:
                 self.persist(account)
+
+    def load(self, entries: list[tuple[bytes, bytes]], partitions: set[int]) -> None:
+        """Store keys and values as they were (a restore's `state` messages), then rebuild the accounts.
+        Call it between batches: accounts not yet persisted would be rebuilt without their changes."""
+        for key, value in entries:
+            self.data[key] = compact(value)
+            self.send(int(orjson.loads(value)["p"]), key, self.data[key])
+        self.rebuild(partitions)
 
     def compact(self, now_ms: int, partitions: set[int]) -> int:
         """Move old buckets to coarser tiers; forget accounts with neither budget nor history."""

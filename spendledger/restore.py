@@ -9,9 +9,9 @@ after it starts a broker and before it starts the worker and the API:
 2. The budget agent's state is rebuilt from `spend_records` (spend by tag: day
    buckets, minute buckets, and the last few minutes event by event with their
    ids, as the agent keeps them) and `budget_events` (the thresholds already
-   fired in the current window), and written to its table's changelog, where the
-   worker's recovery reads it. The spend a budget sees is then what ClickHouse
-   holds, to the cent.
+   fired in the current window), and sent to the agent as `state` messages on
+   `spend.tag-spend`, ahead of any spend; the agent stores them as its own. The
+   spend a budget sees is then what ClickHouse holds, to the cent.
 3. Each budget's block state is published to `spend.budget-blocks`, so the guard
    and `/v1/check` refuse a blocked tag from the first request.
 4. The journal's events whose call neither landed in `spend_records` nor was
@@ -36,10 +36,8 @@ from typing import Any
 
 import orjson
 from confluent_kafka import KafkaError, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from ingest.events import partition_of, raw_messages
-from ledger import PendingCall
+from ingest.events import raw_messages
 from ledger.budgets import (
     DAY_MS,
     MINUTE_MS,
@@ -50,7 +48,7 @@ from ledger.budgets import (
     evaluate,
     rule_of,
 )
-from processors.budgets import BudgetStore, block_signal, tag_partition
+from processors.budgets import BudgetStore, block_signal, state_messages, tag_partition
 from schemas.budgets import BudgetDefinition
 from schemas.topics import Topics
 from spendledger.errors import StartupError
@@ -70,7 +68,6 @@ class Restored:
     blocked: int = 0
     replayed: int = 0
     landed: int = 0
-    done_markers: int = 0
 
 
 # ------------------------------------------------------------------ journal
@@ -378,8 +375,6 @@ def restore(
     now_ms = int(time.time() * 1000)
     done = Restored()
     producer = _Producer(settings)
-    changelog = topics.changelog("budget-state")
-    _ensure_changelogs(settings, [changelog, topics.changelog("pending-calls")])
     paths = segments(journal_dir) if journal_dir is not None else []
     say(f"    reading the journal ({len(paths)} segments) and what of it landed")
     journal = find_unsettled(client, paths, topics)
@@ -398,7 +393,8 @@ def restore(
     policy = settings.history_policy()
     say(f"    reading spend by tag from spend_records for {len(definitions)} budgets")
     accounts = rebuild_accounts(load_spend(client, policy, now_ms), definitions, policy, now_ms)
-    store = BudgetStore({}, lambda p, k, v: producer.send(changelog, k, v, p), policy)
+    stored: list[tuple[int, bytes, bytes]] = []
+    store = BudgetStore({}, lambda p, k, v: stored.append((p, k, v)), policy)
     for tag, account in accounts.items():
         store.accounts[tag] = account
         store.partitions[tag] = tag_partition(tag, partitions)
@@ -412,20 +408,10 @@ def restore(
             producer.send(topics.budget_blocks, tag.encode(), value, store.partitions[tag])
             done.blocked += account.status.blocked
     done.tags = len(accounts)
-
-    # The join's done markers of the calls landed lately, so a request or usage sent again is a
-    # duplicate as it would have been before the stop.
-    join_changelog = topics.changelog("pending-calls")
-    since = _at(now_ms - int(settings.join_done_retention_s * 1000))
-    for (request_id,) in client.query(
-        "SELECT DISTINCT request_id FROM spend_records WHERE landed_at >= %(since)s AND join_kind != 'completed'",
-        parameters={"since": since},
-    ).result_rows:
-        key = request_id.encode()
-        partition = partition_of(key, partitions)
-        marker = PendingCall(partition=partition, first_seen_ms=now_ms, done_ms=now_ms).encode()
-        producer.send(join_changelog, key, marker, partition)
-        done.done_markers += 1
+    # The state goes to the budget agent as messages on its own input: a changelog filled before the
+    # worker's first start left its streams unread after recovery, now and then, under load.
+    for key, value, partition in state_messages(stored):
+        producer.send(topics.tag_spend, key, value, partition)
 
     messages = raw_messages(journal.events, partitions) if journal.events else []
     for key, value in messages:
@@ -446,19 +432,14 @@ def restore(
     done.replayed, done.landed = len(journal.events), journal.settled
     say(f"    {done.budgets} budgets, spend of {done.tags} tags, {done.blocked} blocked")
     say(f"    journal: {done.replayed} events not landed yet, sent again ({done.landed} had landed)")
-    say(
-        f"    join: {done.done_markers} calls landed in the last {settings.join_done_retention_s:.0f} s marked done"
-    )
     return done
 
 
 class _Producer:
-    """Idempotent, acks=all, and one record per batch: Tansu's ListOffsets answers a partition's end as
-    its last batch's first offset + 1, and the worker's changelog recovery reads up to that end (a
-    batch of five state records would recover as one)."""
+    """Idempotent and acks=all; `wait` raises unless everything sent was acknowledged."""
 
     def __init__(self, settings: Settings) -> None:
-        config = {"acks": "all", "enable.idempotence": True, "batch.num.messages": 1}
+        config = {"acks": "all", "enable.idempotence": True}
         self._producer = Producer(settings.kafka_config(**config))
         self._errors: list[str] = []
 
@@ -483,26 +464,6 @@ class _Producer:
     def wait(self) -> None:
         if self._producer.flush(60) or self._errors:
             raise StartupError(f"could not restore the ledger's state into Kafka: {self._errors[:3]}")
-
-
-def _ensure_changelogs(settings: Settings, names: list[str]) -> None:
-    admin = AdminClient(settings.kafka_config())
-    existing = set(admin.list_topics(timeout=15).topics)
-    wanted = [
-        NewTopic(
-            name,
-            num_partitions=settings.topic_partitions,
-            replication_factor=settings.kafka_replication_factor,
-            config={"cleanup.policy": "compact"},
-        )
-        for name in names
-        if name not in existing
-    ]
-    for future in admin.create_topics(wanted).values() if wanted else []:
-        try:
-            future.result(15)
-        except Exception as exc:  # already there (a race) is fine; anything else shows at produce time
-            log.debug("changelog topic not created", extra={"error": str(exc)})
 
 
 def _at(ms: int) -> datetime:

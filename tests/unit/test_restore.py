@@ -75,3 +75,34 @@ def test_a_budget_with_no_spend_yet_starts_clear() -> None:
     accounts = rebuild_accounts(rows(), {"team:new": definition("team:new", "1", "1mo")}, POLICY, NOW)
     new = accounts["team:new"]
     assert new.status.spend == 0 and new.status.blocked is False and new.status.fired == frozenset()
+
+
+def test_the_rebuilt_state_reaches_the_budget_agent_as_messages_and_loads_as_it_was() -> None:
+    """restore -> `state` messages on spend.tag-spend -> the agent's store: the same accounts."""
+    from processors.budgets import BudgetStore, read_state, state_messages, tag_partition
+
+    definitions = {"team:a": definition("team:a", "2", "1d")}
+    accounts = rebuild_accounts(rows(), definitions, POLICY, NOW)
+    stored: list[tuple[int, bytes, bytes]] = []
+    sender = BudgetStore({}, lambda p, k, v: stored.append((p, k, v)), POLICY)
+    for tag, account in accounts.items():
+        sender.accounts[tag], sender.partitions[tag] = account, tag_partition(tag, 4)
+        sender.definitions.update({tag: definitions[tag]} if tag in definitions else {})
+        sender.persist(account, rule=True)
+
+    messages = list(state_messages(stored))
+    assert {(key, partition) for key, _, partition in messages} == {
+        (b"team:a", tag_partition("team:a", 4)),
+        (b"team:b", tag_partition("team:b", 4)),
+    }
+    changelog: list[tuple[int, bytes, bytes | None]] = []
+    agent = BudgetStore({}, lambda p, k, v: changelog.append((p, k, v)), POLICY)
+    agent.load([entry for _, value, _ in messages for entry in read_state(value) or []], {0, 1, 2, 3})
+
+    a, b = agent.accounts["team:a"], agent.accounts["team:b"]
+    assert a.status == accounts["team:a"].status and a.rule == accounts["team:a"].rule
+    assert a.history.total(Window(0, NOW + DAY_MS)) == Decimal("3.50")
+    assert b.history.total(Window(0, NOW + DAY_MS)) == Decimal(3)
+    assert a.add_spend([("e2", NOW - MINUTE_MS + 500, Decimal("0.25"))]) == 0  # its ids came along
+    assert len(changelog) == len(stored)  # the agent's own changelog holds it for its next recovery
+    assert read_state(b'{"type":"spends","tags":{}}') is None
