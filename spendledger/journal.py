@@ -35,17 +35,24 @@ Entry = tuple[str, bytes, bytes | None]  # topic, key, value (None: a tombstone)
 
 
 class Journal:
-    """Appends acknowledged messages (topic, key, value) to the current segment, durably."""
+    """Appends acknowledged messages (topic, key, value) to the current segment, durably.
+
+    Group commit: appends from many threads write one after another, and one fdatasync covers every
+    write made before it, so concurrent requests share a sync instead of queueing for one each.
+    Locks are taken in one order, `_sync_lock` then `_lock`."""
 
     def __init__(self, directory: Path, *, segment_max_bytes: int = 64 * 1024 * 1024) -> None:
         self.directory = directory
         self.segment_max_bytes = segment_max_bytes
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the file, its size and `_written`
+        self._sync_lock = threading.Lock()  # one fdatasync at a time, and `_synced`
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._opened_at = 0.0
         self._size = 0
+        self._written = 0  # bytes written since this journal was opened, across segments
+        self._synced = 0  # of which surely on disk
 
     def append(self, topic: str, messages: Sequence[tuple[bytes, bytes | None]]) -> None:
         """Write the messages and fsync them; returns once they are on disk."""
@@ -56,15 +63,33 @@ class Journal:
             try:
                 self._file.write(data)
                 self._file.flush()
-                os.fdatasync(self._file.fileno())
             except OSError:
-                self._close()  # a half-written entry ends this segment; the next append starts another
+                self._close(
+                    sync=False
+                )  # a half-written entry ends this segment; the next append starts another
                 raise
             self._size += len(data)
+            self._written += len(data)
+            mine = self._written
+        with self._sync_lock:
+            if self._synced >= mine:
+                return  # a sync since our write covered it
+            with self._lock:
+                file, upto = self._file, self._written
+            if file is None:  # closed (and synced) by a rotation since our write
+                return
+            try:
+                os.fdatasync(file.fileno())
+            except OSError:
+                with self._lock:
+                    if self._file is file:
+                        self._close(sync=False)  # unsure what reached the disk: start a new segment
+                raise
+            self._synced = max(self._synced, upto)
 
     def rotate(self, min_age_s: float = 0.0) -> None:
         """Close the current segment (if it has entries and is old enough): the next append opens one."""
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._file is not None and self._size and time.monotonic() - self._opened_at >= min_age_s:
                 self._close()
 
@@ -74,10 +99,12 @@ class Journal:
             return [p for p in segments(self.directory) if p != self._path]
 
     def close(self) -> None:
-        with self._lock:
+        with self._sync_lock, self._lock:
             self._close()
 
     def _open_next(self) -> IO[bytes]:
+        # Called with `_lock` held: a full segment is closed without waiting for a sync, which the
+        # appends still owe theirs from the file they wrote to; it is synced as it closes.
         self._close()
         existing = segments(self.directory)
         number = _number(existing[-1]) + 1 if existing else 1
@@ -88,8 +115,11 @@ class Journal:
         self._path, self._size, self._opened_at = path, 0, time.monotonic()
         return file
 
-    def _close(self) -> None:
+    def _close(self, *, sync: bool = True) -> None:
         if self._file is not None:
+            if sync:
+                os.fdatasync(self._file.fileno())
+                self._synced = max(self._synced, self._written)
             self._file.close()
         self._file, self._path, self._size = None, None, 0
 
