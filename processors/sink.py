@@ -223,11 +223,15 @@ def plan_landing(
 
 def unstorable(record: AttributedRecord) -> str | None:
     """Why ClickHouse cannot hold this record as sent, or look it up (None: it can)."""
-    for name in ("occurred_at", "received_at"):
-        at: datetime = getattr(record, name)
-        if not EARLIEST_STORABLE <= at <= LATEST_STORABLE:
+    for name, at in (("occurred_at", record.occurred_at), ("received_at", record.received_at)):
+        # The year first: comparing aware datetimes converts their zones, a cost on every record.
+        if not 1900 < at.year < 2299 and not EARLIEST_STORABLE <= at <= LATEST_STORABLE:
             return f"{name} {at.isoformat()} is outside what ClickHouse stores (years 1900 to 2299)"
-    if len(record.event_id) > MAX_ID_CHARS or not _encodable(record.event_id):
+    if (
+        len(record.event_id) > MAX_ID_CHARS
+        or not record.event_id.isascii()
+        and not _encodable(record.event_id)
+    ):
         return f"event_id is not up to {MAX_ID_CHARS} characters of UTF-8"
     return None
 
