@@ -352,7 +352,7 @@ def _alert_row(a: BudgetAlert) -> list[Any]:
 LOOKUP_CHARS = 200_000
 
 
-def _slices(ids: list[str]) -> list[tuple[str, ...]]:
+def id_slices(ids: list[str]) -> list[tuple[str, ...]]:
     """The ids in groups whose quoted list stays under LOOKUP_CHARS."""
     out: list[tuple[str, ...]] = []
     group: list[str] = []
@@ -384,7 +384,7 @@ class ClickHouseStore:
 
     def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]:
         found = set()
-        for ids in _slices(event_ids):
+        for ids in id_slices(event_ids):
             result = self._client.query(
                 "SELECT event_id FROM spend_records WHERE occurred_at >= %(start)s AND occurred_at <= %(end)s "
                 "AND event_id IN %(ids)s",
@@ -395,7 +395,7 @@ class ClickHouseStore:
 
     def existing_alert_ids(self, alert_ids: list[str]) -> set[str]:
         found = set()
-        for ids in _slices(alert_ids):
+        for ids in id_slices(alert_ids):
             result = self._client.query(
                 "SELECT alert_id FROM budget_events WHERE alert_id IN %(ids)s", parameters={"ids": ids}
             )

@@ -61,10 +61,6 @@ class Topics:
             ],
         }  # fmt: skip
 
-    def changelog(self, table: str) -> str:
-        """The changelog topic of one of the Faust app's tables (`budget-state`, `pending-calls`)."""
-        return f"{self.faust_app_id}-{table}-changelog"
-
     def all(self) -> dict[str, bool]:
         """Topic name -> compacted, for the topics we create up front."""
         return {

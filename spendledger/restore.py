@@ -49,6 +49,7 @@ from ledger.budgets import (
     rule_of,
 )
 from processors.budgets import BudgetStore, block_signal, state_messages, tag_partition
+from processors.sink import id_slices
 from schemas.budgets import BudgetDefinition
 from schemas.topics import Topics
 from spendledger.errors import StartupError
@@ -56,9 +57,6 @@ from spendledger.journal import is_whole, read_segment, remove, segments, set_as
 from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Characters of ids per look-up query: ClickHouse refuses a query over 256 KiB.
-_LOOKUP_CHARS = 100_000
 
 
 @dataclass
@@ -128,7 +126,7 @@ def settled_events(client: Any, events: list[dict[str, Any]], topics: Topics) ->
     end = max(times, default=datetime(2299, 1, 1, tzinfo=UTC)) + _SETTLE_MARGIN
     landed: set[tuple[str, str]] = set()  # (request_id, event_id) of records
     rejected: set[str] = set()
-    for ids in _slices(list({e["request_id"] for e in events})):
+    for ids in id_slices(list({e["request_id"] for e in events})):
         params = {"ids": ids, "topics": (topics.raw, topics.attributed), "start": start, "end": end}
         landed |= {
             (r, e)
@@ -160,20 +158,6 @@ def settled_events(client: Any, events: list[dict[str, Any]], topics: Topics) ->
 _SETTLE_MARGIN = timedelta(days=31)
 
 
-def _slices(ids: list[str]) -> list[tuple[str, ...]]:
-    """The ids in groups whose quoted list stays well under ClickHouse's 256 KiB query limit."""
-    out: list[tuple[str, ...]] = []
-    group: list[str] = []
-    size = 0
-    for one in ids:
-        if group and size + len(one) > _LOOKUP_CHARS:
-            out.append(tuple(group))
-            group, size = [], 0
-        group.append(one)
-        size += len(one) + 4
-    return [*out, tuple(group)] if group else out
-
-
 def _event_time(event: dict[str, Any]) -> datetime | None:
     for name in ("occurred_at", "received_at"):
         value = event.get(name)
@@ -189,7 +173,7 @@ def _event_time(event: dict[str, Any]) -> datetime | None:
 def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes | None]]:
     """The budget changes `tag_budgets` does not show yet (a definition at least as new, or a deletion)."""
     latest: dict[str, tuple[datetime, bool]] = {}
-    for tags in _slices([key.decode() for key in changes]):
+    for tags in id_slices([key.decode() for key in changes]):
         for tag, updated, deleted in client.query(
             "SELECT tag, max(updated_at), argMax(deleted, updated_at) FROM tag_budgets "
             "WHERE tag IN %(tags)s GROUP BY tag",

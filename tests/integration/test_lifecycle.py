@@ -88,9 +88,7 @@ class Lifecycle:
 
 @pytest.fixture
 def lifecycle(tmp_path: Path) -> Iterator[Lifecycle]:
-    cycle = Lifecycle(
-        tmp_path / "data", **({"log_level": os.environ["LC_LOG"]} if "LC_LOG" in os.environ else {})
-    )
+    cycle = Lifecycle(tmp_path / "data")
     try:
         yield cycle
     finally:
