@@ -214,7 +214,7 @@ def shorten_fetch_wait(max_wait_ms: int) -> None:
 def create_app(settings: Settings) -> faust.App:
     topics = settings.topics
     shorten_fetch_wait(settings.worker_fetch_wait_ms)
-    rebalance.install()
+    rebalance.install(settings.kafka_config())
     optional: dict[str, Any] = {}
     if settings.worker_data_dir is not None:
         optional["datadir"] = str(settings.worker_data_dir)

@@ -35,6 +35,12 @@ The fixes, installed by `install()` and `hold_cleared(app)` in each worker:
   tolerates one missing offset after the committed one, could move past it.)
 - A message a resume clears from a stream's queue is held the same way.
 
+4. Recovery reads a table's changelog up to the end offsets `ListOffsets` gives. Tansu
+   answers with the last batch's first offset + 1, so a worker that recovered after a
+   kill -9 missed the tail of each partition's last batch: the budget agent's spend was
+   short by about 1,000 events in one CI run. `highwaters` (recovery's, and the stall
+   watch's) now reads each partition's end by fetching (`spendledger.kafka.fetched_end_offsets`).
+
 Every dropped record is fetched again, so the worst case stays a replay, which the
 ledger absorbs (join done-markers, budget event ids, the sink's event_id check).
 A hold whose message is gone (compacted or deleted by retention before it was read
@@ -53,6 +59,7 @@ from faust.transport import consumer as faust_consumer
 from faust.types import TP
 
 from processors import metrics
+from spendledger.kafka import fetched_end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +152,14 @@ def hold_cleared(app: Any) -> None:
     flow.resume = resume_holding
 
 
-def install() -> None:
-    """Patch faust's consumer classes (idempotent)."""
+_fetch_config: dict[str, Any] | None = None
+
+
+def install(kafka_config: dict[str, Any] | None = None) -> None:
+    """Patch faust's consumer classes (idempotent). With `kafka_config`, end offsets are fetched."""
+    global _fetch_config
+    if kafka_config is not None:
+        _fetch_config = kafka_config
     if getattr(Consumer, "_spendledger_patched", False):
         return
     import faust
@@ -162,6 +175,7 @@ def install() -> None:
         (Consumer, "_new_offset"),
         (ThreadDelegateConsumer, "seek_wait"),
         (ThreadDelegateConsumer, "seek_to_committed"),
+        (ThreadDelegateConsumer, "highwaters"),
     ):
         if not callable(getattr(owner, name, None)):
             raise RuntimeError(
@@ -173,6 +187,7 @@ def install() -> None:
     seek_wait = ThreadDelegateConsumer.seek_wait
     ack = Consumer.ack
     new_offset = Consumer._new_offset
+    highwaters = ThreadDelegateConsumer.highwaters
 
     async def seek_to_committed_marked(self: Any) -> Mapping[TP, int]:
         # `perform_seek` sets the read offsets from this result with no await in between.
@@ -213,6 +228,16 @@ def install() -> None:
             return offset
         return min(offset, hold)
 
+    async def highwaters_fetched(self: Any, *partitions: TP) -> Mapping[TP, int]:
+        listed = await highwaters(self, *partitions)
+        if _fetch_config is None or not listed:
+            return listed
+        ends = await asyncio.to_thread(
+            fetched_end_offsets, _fetch_config, {(tp.topic, tp.partition): end for tp, end in listed.items()}
+        )
+        return {tp: ends[(tp.topic, tp.partition)] for tp in listed}
+
+    ThreadDelegateConsumer.highwaters = highwaters_fetched  # type: ignore[method-assign]
     ThreadDelegateConsumer.seek_to_committed = seek_to_committed_marked  # type: ignore[method-assign]
     Consumer.seek = seek_marked  # type: ignore[method-assign]
     ThreadDelegateConsumer.seek_wait = seek_wait_marked  # type: ignore[method-assign]

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,50 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def fetched_end_offsets(
+    config: dict[str, Any], listed: Mapping[tuple[str, int], int], timeout_s: float = 10.0
+) -> dict[tuple[str, int], int]:
+    """Each partition's end offset as a fetch sees it, given the end offsets `ListOffsets` listed.
+
+    Tansu answers `ListOffsets` (latest) with the last batch's first offset + 1, which is too
+    low after a produce request of several records, while a fetch's high watermark is right.
+    So each partition is read from its listed end - 1 to the end of its log. On a broker whose
+    listed ends are right this reads one record per partition. A partition that does not
+    answer within `timeout_s` keeps its listed end (logged)."""
+    if not listed:
+        return {}
+    ends = dict(listed)
+    pending = set(listed)
+    consumer = Consumer(
+        {
+            **config,
+            "group.id": "spendledger-end-offsets",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "latest",
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(t, p, max(0, end - 1)) for (t, p), end in listed.items()])
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for message in consumer.consume(1000, timeout=0.2):
+                key = (str(message.topic()), int(message.partition() or 0))
+                error, offset = message.error(), int(message.offset() or 0)
+                if error is None:
+                    ends[key] = max(ends[key], offset + 1)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    ends[key] = max(ends[key], offset)
+                    pending.discard(key)
+    finally:
+        consumer.close()
+    if pending:
+        log.warning(
+            "no end offset fetched within %.0f s for %s; using the listed ones", timeout_s, sorted(pending)
+        )
+    return ends
+
+
 def consumer_lag(settings: Settings, groups: dict[str, list[str]], timeout_s: float = 10.0) -> dict[str, int]:
     """Messages each topic holds past its group's committed offset, by topic (groups: id -> topics)."""
     admin = AdminClient(settings.kafka_config())
@@ -146,12 +190,16 @@ def consumer_lag(settings: Settings, groups: dict[str, list[str]], timeout_s: fl
         consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
         try:
             wanted = [TopicPartition(t, p) for t in topics if t in metadata for p in metadata[t].partitions]
+            committed = {}
+            listed = {}
             for tp in consumer.committed(wanted, timeout=timeout_s):
                 low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-                committed = tp.offset if tp.offset >= 0 else low
-                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - committed)
+                committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else low
+                listed[(tp.topic, tp.partition)] = high
         finally:
             consumer.close()
+        for key, end in fetched_end_offsets(settings.kafka_config(), listed, timeout_s).items():
+            lag[key[0]] = lag.get(key[0], 0) + max(0, end - committed[key])
     return lag
 
 

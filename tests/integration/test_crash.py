@@ -170,3 +170,64 @@ def test_a_pending_request_still_expires_after_its_worker_is_killed(supervised: 
         timeout=120,
     )
     assert rows == [["incomplete", "request_only", "kept"]]
+
+
+def agent_spend(ledger: Ledger, tag: str, expected: Decimal, timeout_s: float = 60) -> Decimal | None:
+    """The budget agent's spend for `tag` (its latest signal) once it equals `expected`, else the last seen."""
+    prefix = ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"]
+    guard = BudgetGuard({"bootstrap.servers": ledger.bootstrap}, f"{prefix}spend.budget-blocks").start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            signal_ = guard.view.get(tag)
+            spend = None if signal_ is None else signal_.spend_usd
+            if spend == expected or time.monotonic() > deadline:
+                return spend
+            time.sleep(0.25)
+    finally:
+        guard.stop()
+
+
+def test_a_worker_killed_right_after_a_batch_recovers_all_of_its_budget_state(supervised: Ledger) -> None:
+    """The agent's changelog writes go out in batches of many records; Tansu lists a partition's
+    end as its last batch's first offset + 1. A recovery that trusted that end lost the tail."""
+    ledger = supervised
+    run = f"tail{uuid.uuid4().hex[:8]}"
+    tag = f"team:{run}"
+    admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
+    r = ledger.http.post(
+        "/tag/new", json={"name": tag, "max_budget": 10**6, "budget_duration": "1d"}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    cost = MODELS[0][2]
+
+    def batch(start: int, n: int) -> dict[str, Any]:
+        events = [
+            {
+                "kind": "completed",
+                "event_id": f"{run}-e{i}",
+                "request_id": f"{run}-r{i}",
+                "model": MODELS[0][0],
+                "usage": MODELS[0][1],
+                "headers": {"x-litellm-tags": tag},
+            }
+            for i in range(start, start + n)
+        ]
+        return {"events": events}
+
+    for round_ in range(3):
+        assert ledger.send(batch(round_ * 400, 400)).status_code == 202
+        sent = 400 * (round_ + 1)
+        assert agent_spend(ledger, tag, cost * sent) == cost * sent
+        worker = ledger.system.children["worker"]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        deadline = time.monotonic() + 60
+        while (
+            ledger.system.children["worker"] is worker or ledger.system.children["worker"].poll() is not None
+        ):
+            assert time.monotonic() < deadline, "the supervisor did not restart the worker"
+            time.sleep(0.2)
+    # One more call: the restarted worker's signal carries what it recovered plus this one.
+    assert ledger.send(batch(1200, 1)).status_code == 202
+    assert agent_spend(ledger, tag, cost * 1201) == cost * 1201
