@@ -188,7 +188,7 @@ class AllocationRequest(BaseModel):
 
 def create_router(
     store: ReportStore,
-    require_admin: Any,
+    require_read: Any,
     *,
     coverage_dimensions: Sequence[str],
     coverage_alert_pct: Decimal,
@@ -196,7 +196,7 @@ def create_router(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> APIRouter:
     router = APIRouter(tags=["analytics"], default_response_class=ExactJSONResponse)
-    Admin = Annotated[str, Depends(require_admin)]
+    Reader = Annotated[Any, Depends(require_read)]
 
     async def query(sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(store.rows, sql, parameters)
@@ -226,7 +226,7 @@ def create_router(
 
     @router.get("/v1/analytics/usage", responses={400: {}})
     async def usage(
-        _: Admin,
+        _: Reader,
         app_id: str | None = None,
         start_date: str | None = None,
         end_date: str | None = None,
@@ -259,7 +259,7 @@ def create_router(
         )
 
     @router.post("/v1/analytics/cost-allocation", responses={400: {}})
-    async def cost_allocation(body: AllocationRequest, _: Admin) -> ExactJSONResponse:
+    async def cost_allocation(body: AllocationRequest, _: Reader) -> ExactJSONResponse:
         """Spend nested by `group_by` (default app → model), e.g. `{"apps": [{…, "models": [...]}]}`."""
         span = checked(lambda: date_range(body.start_date, body.end_date, now=clock()))
         columns = checked(lambda: group_columns(body.group_by, default=["app_id", "model"]))
@@ -282,7 +282,7 @@ def create_router(
 
     @router.get("/spend/tags", responses={400: {}})
     async def spend_per_tag(
-        _: Admin,
+        _: Reader,
         start_date: str | None = None,
         end_date: str | None = None,
         tags: str | None = None,
@@ -304,7 +304,7 @@ def create_router(
 
     @router.get("/v1/analytics/coverage", responses={400: {}})
     async def coverage(
-        _: Admin,
+        _: Reader,
         start_date: str | None = None,
         end_date: str | None = None,
         app_id: str | None = None,

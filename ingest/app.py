@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
@@ -31,24 +31,28 @@ from ingest.errors import (
     Forbidden,
     InvalidEvent,
     InvalidJson,
+    InvalidKeyRequest,
+    NotFound,
     PayloadTooLarge,
+    RateLimited,
     StorageUnavailableError,
     Unauthenticated,
     error_body,
     status_for,
 )
 from ingest.events import attribution_warnings, raw_messages, sanitize
+from ingest.keys import KeyRing, KeyStore, RateLimiter, describe
 from ingest.publisher import EventPublisher
 from ingest.sql import QueryEngine, QueryLimits
+from ledger.attribute import attribution_of
 from ledger.errors import UsageError
+from ledger.scopes import SCOPES, ApiKey, Binding, Permission, allows, scopes_allowed, valid_tag_pattern
 from ledger.usage import parse_usage
 from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent, time_bounds
 from spendledger.errors import BrokerUnavailable
-from spendledger.settings import Settings, key_matches
+from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Scope = Literal["producer", "admin"]
 
 
 class AttributionProblem(BaseModel):
@@ -75,6 +79,21 @@ class AcceptedResponse(BaseModel):
 
 class SqlRequest(BaseModel):
     query: str = Field(min_length=1, max_length=100_000)
+
+
+class KeyCreate(BaseModel):
+    """`POST /v1/keys`: a new key; apps, tenants and tags bind a producer key to what it may claim."""
+
+    model_config = {"extra": "forbid"}
+
+    scope: str = Field(description="producer, analyst or admin")
+    name: str = Field(default="", max_length=200)
+    apps: list[str] = Field(default_factory=list, max_length=100)
+    tenants: list[str] = Field(default_factory=list, max_length=100)
+    tags: list[str] = Field(
+        default_factory=list, max_length=100, description="`key:value`, or `key:*` for every value of a key"
+    )
+    events_per_s: int = Field(default=0, ge=0, le=10_000_000, description="this key's rate limit; 0: the default")
 
 
 class SqlResponse(BaseModel):
@@ -112,6 +131,8 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     budgets: BudgetServices | None = None
     reports: ReportStore | None = None
+    # Keys created through /v1/keys (hashed); None: only the environment's keys.
+    key_store: KeyStore | None = None
     # Set when the service stops: new events are refused (503, Retry-After) while what was
     # acknowledged drains; /readyz says so.
     draining: threading.Event = field(default_factory=threading.Event)
@@ -122,8 +143,17 @@ class Services:
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
     policy = settings.attribution_policy()
-    producer_keys = settings.producer_key_list()
-    admin_keys = settings.admin_key_list()
+    keys = KeyRing(
+        {
+            "producer": settings.producer_key_list(),
+            "analyst": settings.analyst_key_list(),
+            "admin": settings.admin_key_list(),
+        },
+        services.key_store,
+        settings.keys_refresh_s,
+    ).start()
+    services.on_shutdown.append(keys.stop)
+    rate_limiter = RateLimiter(settings.key_events_per_s)
     limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
     metrics = services.metrics
 
@@ -142,22 +172,27 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
 
-    def authorize(request: Request) -> Scope:
+    def authenticate(request: Request) -> ApiKey:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
-        token = token.strip()
-        if key_matches(token, admin_keys):
-            return "admin"
-        if key_matches(token, producer_keys):
-            return "producer"
-        raise Unauthenticated("unknown API key")
+        key = keys.find(token.strip())
+        if key is None:
+            raise Unauthenticated("unknown or revoked API key")
+        return key
 
-    def require_admin(scope: Annotated[Scope, Depends(authorize)]) -> Scope:
-        if scope != "admin":
-            raise Forbidden("this endpoint needs an admin key")
-        return scope
+    def require(permission: Permission) -> Callable[[ApiKey], ApiKey]:
+        def check(key: Annotated[ApiKey, Depends(authenticate)]) -> ApiKey:
+            if not allows(key.scope, permission):
+                needed = " or ".join(scopes_allowed(permission))
+                raise Forbidden(f"this endpoint needs a {needed} key; this is a {key.scope} key")
+            return key
+
+        return check
+
+    require_send, require_check = require("send"), require("check")
+    require_read, require_manage = require("read"), require("manage")
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -210,7 +245,7 @@ def create_app(services: Services) -> FastAPI:
     )
     async def post_events(
         request: Request,
-        _: Annotated[Scope, Depends(authorize)],
+        key: Annotated[ApiKey, Depends(require_send)],
         warnings: Annotated[
             bool,
             Query(
@@ -229,7 +264,17 @@ def create_app(services: Services) -> FastAPI:
         body = await _read_body(request, settings.max_body_bytes)
         received_at = datetime.now(UTC)
         events = _parse_events(body, time_bounds(received_at, settings.max_future_skew_s))
+        wait_s = rate_limiter.take(key, len(events))
+        if wait_s > 0:
+            raise RateLimited(
+                f"this key may send {key.events_per_s or settings.key_events_per_s:g} events per second; "
+                "nothing was acknowledged, retry later with the same event ids",
+                {"limit_events_per_s": key.events_per_s or settings.key_events_per_s},
+                retry_after_s=max(1, round(wait_s + 0.5)),
+            )
         published = [sanitize(e, received_at=received_at) for e in events]
+        if key.binding.bound:
+            _check_binding(key.binding, published, policy)
         try:
             partitions = await services.publisher.partition_count(settings.topics.raw)
             await services.publisher.publish(settings.topics.raw, raw_messages(published, partitions))
@@ -251,7 +296,7 @@ def create_app(services: Services) -> FastAPI:
         )
 
     @app.post("/v1/sql", response_model=SqlResponse)
-    async def post_sql(body: SqlRequest, _: Annotated[Scope, Depends(require_admin)]) -> SqlResponse:
+    async def post_sql(body: SqlRequest, _: Annotated[ApiKey, Depends(require_read)]) -> SqlResponse:
         """Read-only ClickHouse SQL over the ledger, with row, time and memory limits."""
         if services.queries is None:
             raise StorageUnavailableError("this API instance has no ClickHouse connection")
@@ -300,13 +345,56 @@ def create_app(services: Services) -> FastAPI:
         )
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics: open to loopback clients; others need an analyst or admin key
+        (unless `METRICS_PUBLIC`)."""
+        client = request.client.host if request.client else ""
+        if not settings.metrics_public and client not in ("127.0.0.1", "::1", "localhost", "testclient"):
+            require_read(authenticate(request))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/keys", status_code=201, responses={403: {}, 422: {}})
+    async def create_key(body: KeyCreate, _: Annotated[ApiKey, Depends(require_manage)]) -> dict[str, Any]:
+        """Create a key. The answer is the only time the key is shown; only its hash is stored."""
+        if body.scope not in SCOPES:
+            raise InvalidKeyRequest(f"scope must be one of {list(SCOPES)}", {"field": "scope"})
+        binding = Binding.of(body.apps, body.tenants, body.tags)
+        if binding.bound and body.scope != "producer":
+            raise InvalidKeyRequest("only producer keys can be bound to apps, tenants or tags", {"field": "scope"})
+        bad = [t for t in body.tags if not valid_tag_pattern(t)]
+        if bad:
+            raise InvalidKeyRequest(f"tags must be `key:value` or `key:*`; got {bad[:3]}", {"field": "tags"})
+        if services.key_store is None:
+            raise StorageUnavailableError("this API instance has no key store")
+        new = ApiKey("", body.scope, body.name, binding, body.events_per_s)
+        row, secret = await asyncio.to_thread(keys.create, new, datetime.now(UTC))
+        log.info("api key created", extra={"key_id": row.key.key_id, "scope": row.key.scope})
+        return {**describe(row), "key": secret}
+
+    @app.get("/v1/keys")
+    async def list_keys(_: Annotated[ApiKey, Depends(require_manage)]) -> dict[str, Any]:
+        """Every key, never a secret or a hash."""
+        await asyncio.to_thread(keys.refresh)
+        return {"keys": keys.listing()}
+
+    @app.post("/v1/keys/{key_id}/revoke", responses={404: {}})
+    async def revoke_key(key_id: str, _: Annotated[ApiKey, Depends(require_manage)]) -> dict[str, Any]:
+        """Revoke a key created through the API (environment keys are revoked by removing them)."""
+        row = await asyncio.to_thread(keys.revoke, key_id, datetime.now(UTC))
+        if row is None:
+            raise NotFound(f"no key {key_id!r} was created through the API", {"key_id": key_id})
+        log.info("api key revoked", extra={"key_id": key_id})
+        return describe(row)
 
     if services.budgets is not None:
         app.include_router(
             create_router(
-                services.budgets, services.publisher, settings.topics.budgets, require_admin, authorize
+                services.budgets,
+                services.publisher,
+                settings.topics.budgets,
+                require_manage=require_manage,
+                require_read=require_read,
+                require_check=require_check,
             )
         )
 
@@ -314,7 +402,7 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(
             create_analytics_router(
                 services.reports,
-                require_admin,
+                require_read,
                 coverage_dimensions=settings.coverage_dimensions.split(","),
                 coverage_alert_pct=settings.coverage_alert_pct,
                 max_groups=settings.report_max_groups,
@@ -329,6 +417,18 @@ def create_app(services: Services) -> FastAPI:
 @functools.cache
 def _dashboard_html() -> str:
     return resources.files("ingest").joinpath("ui/index.html").read_text(encoding="utf-8")
+
+
+def _check_binding(binding: Binding, published: list[dict[str, Any]], policy: Any) -> None:
+    """Refuse the whole request when any event claims more than the key's binding."""
+    for index, event in enumerate(published):
+        problem = binding.violation(attribution_of([event], policy))
+        if problem is not None:
+            field_name, reason = problem
+            raise Forbidden(
+                f"event {index}: {reason}; nothing was acknowledged",
+                {"index": index, "field": field_name, "event_id": event["event_id"]},
+            )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

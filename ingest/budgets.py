@@ -143,13 +143,16 @@ def create_router(
     services: BudgetServices,
     publisher: EventPublisher,
     topic: str,
-    require_admin: Any,
-    authorize: Any,
+    *,
+    require_manage: Any,
+    require_read: Any,
+    require_check: Any,
 ) -> APIRouter:
     router = APIRouter()
     registry, guard = services.registry, services.guard
-    Admin = Annotated[str, Depends(require_admin)]
-    Caller = Annotated[str, Depends(authorize)]
+    Admin = Annotated[Any, Depends(require_manage)]
+    Reader = Annotated[Any, Depends(require_read)]
+    Caller = Annotated[Any, Depends(require_check)]
 
     def require_current() -> None:
         if registry.staleness_s is None:
@@ -232,7 +235,7 @@ def create_router(
 
     @router.get("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
     async def tag_info(
-        _: Admin, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
+        _: Reader, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
     ) -> ExactJSONResponse:
         """Budget, spend in the current window, reset time and block state, keyed by tag name."""
         require_current()
@@ -251,7 +254,7 @@ def create_router(
         return ExactJSONResponse(found)
 
     @router.get("/tag/list", response_class=ExactJSONResponse)
-    async def tag_list(_: Admin) -> ExactJSONResponse:
+    async def tag_list(_: Reader) -> ExactJSONResponse:
         """Every tag budget, as `/tag/info` describes it, sorted by tag."""
         require_current()
         definitions = sorted(registry.items())
@@ -317,7 +320,7 @@ def create_router(
         )
 
     @router.get("/v1/usage/app/{app_id}/current", response_class=ExactJSONResponse)
-    async def app_usage(app_id: str, _: Admin) -> ExactJSONResponse:
+    async def app_usage(app_id: str, _: Reader) -> ExactJSONResponse:
         """Usage in the current limit window, in credits (100 = $1); the calendar month when no limit is set."""
         require_current()
         tag = _app_tag(app_id, services.policy)

@@ -107,6 +107,18 @@ class InvalidReport(ApiError):
     code = "invalid_report"
 
 
+class RateLimited(ApiError):
+    """A key sent more than its rate allows; `Retry-After` says when to send again."""
+
+    code = "rate_limited"
+
+
+class InvalidKeyRequest(ApiError):
+    """A key to create with an unknown scope, a bad binding, or a binding on a non-producer key."""
+
+    code = "invalid_key_request"
+
+
 HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidJson: 400,
     InvalidEvent: 422,
@@ -123,6 +135,8 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     Conflict: 409,
     BudgetsUnavailable: 503,
     InvalidReport: 400,
+    RateLimited: 429,
+    InvalidKeyRequest: 422,
 }
 
 

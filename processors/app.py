@@ -237,7 +237,7 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         web_enabled=settings.worker_web_port > 0,
         web_port=settings.worker_web_port or 6066,
-        web_bind=settings.api_host,
+        web_bind=settings.worker_web_host,
         web_in_thread=False,
         **optional,
     )

@@ -48,6 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--api-url", default=None, help="the API (default: the local one `up` started)")
     demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
 
+    keys = sub.add_parser(
+        "keys", help="create, list and revoke API keys (through the API, with an admin key)"
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; it is printed once, only its hash is kept")
+    create.add_argument("--scope", choices=("producer", "analyst", "admin"), required=True)
+    create.add_argument("--name", default="", help="what the key is for")
+    create.add_argument(
+        "--app", action="append", default=[], help="bind a producer key to this app (repeatable)"
+    )
+    create.add_argument("--tenant", action="append", default=[], help="bind a producer key to this tenant")
+    create.add_argument(
+        "--tag", action="append", default=[], help="bind to a tag: key:value, or key:* (any value)"
+    )
+    create.add_argument(
+        "--events-per-s", type=float, default=0, help="this key's rate limit (default: the API's)"
+    )
+    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key created through the API")
+    revoke.add_argument("key_id")
+    for command in keys_sub.choices.values():
+        command.add_argument("--api-url", default=None, help="the API (default: the local one `up` started)")
+        command.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
     for name, text in (
         ("api", "serve the HTTP API"),
         ("worker", "run a Faust worker"),
@@ -78,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sql(args, settings)
         if args.command == "demo":
             return cmd_demo(args, settings)
+        if args.command == "keys":
+            return cmd_keys(args, settings)
         if args.command == "api":
             from spendledger.services import run_api
 
@@ -163,7 +189,9 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
     columns: list[str]
     rows: list[list[Any]]
     if args.api_url or settings.api_url or settings.is_embedded_clickhouse and _reachable(api_url):
-        key = (settings.admin_key_list() or [_dev_key(args.data_dir, "admin")])[0]
+        key = (
+            settings.analyst_key_list() or settings.admin_key_list() or [_dev_key(args.data_dir, "analyst")]
+        )[0]
         response = httpx.post(
             f"{api_url}/v1/sql",
             json={"query": args.query},
@@ -190,6 +218,42 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         columns, rows = result.columns, result.rows
     print(render(columns, rows, args.format))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """`keys create|list|revoke` through the API's /v1/keys (keys live hashed in ClickHouse)."""
+    api_url = _api_url(args, settings)
+    admin = (settings.admin_key_list() or [_dev_key(args.data_dir, "admin")])[0]
+    headers = {"Authorization": f"Bearer {admin}"}
+    if args.keys_command == "create":
+        body = {
+            "scope": args.scope,
+            "name": args.name,
+            "apps": args.app,
+            "tenants": args.tenant,
+            "tags": args.tag,
+            "events_per_s": args.events_per_s,
+        }
+        response = httpx.post(f"{api_url}/v1/keys", json=body, headers=headers, timeout=30)
+    elif args.keys_command == "list":
+        response = httpx.get(f"{api_url}/v1/keys", headers=headers, timeout=30)
+    else:
+        response = httpx.post(f"{api_url}/v1/keys/{args.key_id}/revoke", headers=headers, timeout=30)
+    answer = response.json()
+    if response.status_code >= 400:
+        error = answer.get("error", {})
+        print(f"error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return 1
+    if args.keys_command == "create":
+        print(f"key {answer['key_id']} ({answer['scope']}): {answer['key']}")
+        print("keep it now: it is not shown again, only its hash is stored")
+    elif args.keys_command == "list":
+        columns = ["key_id", "scope", "source", "name", "apps", "tenants", "tags", "revoked_at"]
+        rows = [[k.get(c, "") for c in columns] for k in answer["keys"]]
+        print(render(columns, rows, "table"))
+    else:
+        print(f"revoked {answer['key_id']} at {answer['revoked_at']}")
     return 0
 
 
@@ -291,7 +355,7 @@ def _reachable(api_url: str) -> bool:
 def _dev_key(data_dir: Path, kind: str) -> str:
     path = data_dir / "dev-keys.json"
     if not path.exists():
-        variable = "SPENDLEDGER_ADMIN_KEYS" if kind == "admin" else "SPENDLEDGER_PRODUCER_KEYS"
+        variable = f"SPENDLEDGER_{kind.upper()}_KEYS"
         raise SpendLedgerError(f"no {kind} key: set {variable} (or run from the directory of `up`)")
     return str(json.loads(path.read_text())[kind])
 

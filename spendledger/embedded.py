@@ -26,6 +26,7 @@ from spendledger.supervisor import RestartPolicy
 
 ENV = "SPENDLEDGER_"
 DEV_KEYS_FILE = "dev-keys.json"
+DEV_KEY_PREFIXES = {"producer": "sl_prod_", "analyst": "sl_analyst_", "admin": "sl_admin_"}
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EmbeddedSystem:
     child_env: dict[str, str] = field(default_factory=dict, init=False)
     worker_ports: dict[str, int] = field(default_factory=dict, init=False)
     producer_key: str = field(default="", init=False)
+    analyst_key: str = field(default="", init=False)
     admin_key: str = field(default="", init=False)
     policy: RestartPolicy = field(default_factory=RestartPolicy, init=False)
     failed: str | None = field(default=None, init=False)  # why supervision gave up
@@ -142,29 +144,27 @@ class EmbeddedSystem:
 
     def _keys(self, env: dict[str, str]) -> None:
         """Use the configured keys, or generate dev keys once and keep them in the data dir."""
-        producer = env.get(f"{ENV}PRODUCER_KEYS", "")
-        admin = env.get(f"{ENV}ADMIN_KEYS", "")
-        if not producer or not admin:
+        configured = {scope: env.get(f"{ENV}{scope.upper()}_KEYS", "") for scope in DEV_KEY_PREFIXES}
+        if not all(configured.values()):
             path = self.data_dir / DEV_KEYS_FILE
-            if path.exists():
-                keys = json.loads(path.read_text())
-            else:
-                keys = {
-                    "producer": "sl_prod_" + secrets.token_urlsafe(24),
-                    "admin": "sl_admin_" + secrets.token_urlsafe(24),
-                }
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            kept = json.loads(path.read_text()) if path.exists() else {}
+            missing = {s: p + secrets.token_urlsafe(24) for s, p in DEV_KEY_PREFIXES.items() if s not in kept}
+            if missing:  # a first start, or a data dir from before the analyst scope
+                kept.update(missing)
+                fresh = path.with_suffix(".tmp")
+                fresh.unlink(missing_ok=True)
+                fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as out:
-                    out.write(json.dumps(keys))
-            producer = producer or keys["producer"]
-            admin = admin or keys["admin"]
-            env[f"{ENV}PRODUCER_KEYS"] = producer
-            env[f"{ENV}ADMIN_KEYS"] = admin
+                    out.write(json.dumps(kept))
+                os.replace(fresh, path)
             self.say(f"    dev keys (kept in {path}):")
-            self.say(f"      producer key: {producer.split(',')[0]}")
-            self.say(f"      admin key:    {admin.split(',')[0]}")
-        self.producer_key = producer.split(",")[0]
-        self.admin_key = admin.split(",")[0]
+            for scope, value in configured.items():
+                configured[scope] = value or kept[scope]
+                env[f"{ENV}{scope.upper()}_KEYS"] = configured[scope]
+                self.say(f"      {scope + ' key:':13} {configured[scope].split(',')[0]}")
+        self.producer_key = configured["producer"].split(",")[0]
+        self.analyst_key = configured["analyst"].split(",")[0]
+        self.admin_key = configured["admin"].split(",")[0]
 
     def _spawn(self, name: str, env: dict[str, str] | None = None) -> None:
         self._child_env[name] = env or {}

@@ -38,6 +38,7 @@ def run_api(settings: Settings) -> None:
 
     from ingest.analytics import ClickHouseReports
     from ingest.app import Services, create_app
+    from ingest.keys import ClickHouseKeyStore
     from ingest.publisher import EventPublisher, JournaledPublisher, KafkaPublisher
     from ingest.sql import ClickHouseQueryEngine
     from spendledger.journal import Journal
@@ -54,6 +55,7 @@ def run_api(settings: Settings) -> None:
         queries=ClickHouseQueryEngine(client),
         budgets=build_budget_services(settings),
         reports=ClickHouseReports(connect(settings, create_database=False), settings.sql_max_seconds),
+        key_store=ClickHouseKeyStore(connect(settings, create_database=False)),
         draining=draining,
     )
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]

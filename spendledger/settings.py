@@ -5,7 +5,6 @@ Built once in `main` and passed down; nothing reads the environment at import ti
 
 from __future__ import annotations
 
-import hmac
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,17 @@ class Settings(BaseSettings):
 
     # API
     producer_keys: SecretStr = SecretStr("")
+    analyst_keys: SecretStr = SecretStr("")
     admin_keys: SecretStr = SecretStr("")
+    keys_refresh_s: float = Field(
+        default=2.0, gt=0, description="how soon a key created or revoked on another API instance counts here"
+    )
+    key_events_per_s: float = Field(
+        default=20_000.0, ge=0, description="events per second one key may send (bursts of 2 s); 0: no limit"
+    )
+    metrics_public: bool = Field(
+        default=False, description="serve /metrics to anyone; otherwise loopback clients or analyst/admin keys"
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
@@ -80,6 +89,9 @@ class Settings(BaseSettings):
 
     # Processors
     worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    worker_web_host: str = Field(
+        default="127.0.0.1", description="where the worker's web server (metrics, Faust's pages) listens"
+    )
     worker_processes: int = Field(
         default=1, ge=1, le=64, description="Faust workers `spendledger up` starts (one consumer group)"
     )
@@ -160,9 +172,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_scopes(self) -> Settings:
-        overlap = set(_split(self.producer_keys)) & set(_split(self.admin_keys))
-        if overlap:
-            raise ValueError("a key is listed as both a producer key and an admin key; scopes must differ")
+        lists = {"producer": self.producer_keys, "analyst": self.analyst_keys, "admin": self.admin_keys}
+        seen: dict[str, str] = {}
+        for scope, keys in lists.items():
+            for key in _split(keys):
+                if seen.setdefault(key, scope) != scope:
+                    raise ValueError(f"a key is listed as both {seen[key]} and {scope} key; scopes must differ")
         return self
 
     @property
@@ -175,6 +190,9 @@ class Settings(BaseSettings):
 
     def producer_key_list(self) -> list[str]:
         return _split(self.producer_keys)
+
+    def analyst_key_list(self) -> list[str]:
+        return _split(self.analyst_keys)
 
     def admin_key_list(self) -> list[str]:
         return _split(self.admin_keys)
@@ -201,10 +219,3 @@ class Settings(BaseSettings):
 def _split(keys: SecretStr) -> list[str]:
     return [k.strip() for k in keys.get_secret_value().split(",") if k.strip()]
 
-
-def key_matches(candidate: str, keys: list[str]) -> bool:
-    """Constant-time comparison against every key (no early exit on the first match)."""
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(candidate.encode(), key.encode())
-    return found

@@ -23,6 +23,7 @@ from schemathesis import GenerationMode
 from ingest.analytics import ClickHouseReports
 from ingest.app import Services, create_app
 from ingest.budgets import BudgetServices
+from ingest.keys import MemoryKeyStore
 from ingest.publisher import InMemoryPublisher
 from ingest.sql import ClickHouseQueryEngine
 from ledger.tags import AttributionPolicy
@@ -70,9 +71,18 @@ def build_app() -> Any:
     budgets = BudgetServices(
         registry, guard, ZeroSpend(), ZoneInfo("UTC"), AttributionPolicy(), clock=lambda: NOW
     )
-    config = Settings.model_validate({"producer_keys": "prod-key", "admin_keys": "admin-key"})
+    config = Settings.model_validate(
+        {"producer_keys": "prod-key", "analyst_keys": "analyst-key", "admin_keys": "admin-key"}
+    )
     return create_app(
-        Services(settings=config, publisher=PUBLISHER, queries=LATE, budgets=budgets, reports=LATE)
+        Services(
+            settings=config,
+            publisher=PUBLISHER,
+            queries=LATE,
+            budgets=budgets,
+            reports=LATE,
+            key_store=MemoryKeyStore(),
+        )
     )
 
 

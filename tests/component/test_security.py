@@ -1,14 +1,27 @@
-"""Scopes: a producer key reaches only the producer endpoints; every other route needs the admin key."""
+"""Scopes and keys: a producer sends, an analyst reads, an admin manages; bound keys claim only
+what they are bound to; keys created through the API are stored hashed and can be revoked."""
 
 from typing import Any
 
 import pytest
 from httpx import ASGITransport, AsyncClient
 
-from tests.component.test_fuzz import build_app
+from ingest.keys import key_hash
+from tests.component.test_fuzz import PUBLISHER, build_app
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/ui"}
 PRODUCER_ROUTES = {("POST", "/v1/events"), ("POST", "/v1/check")}
+ANALYST_ROUTES = {
+    ("POST", "/v1/check"),
+    ("POST", "/v1/sql"),
+    ("GET", "/tag/info"),
+    ("GET", "/tag/list"),
+    ("GET", "/v1/usage/app/{app_id}/current"),
+    ("GET", "/v1/analytics/usage"),
+    ("POST", "/v1/analytics/cost-allocation"),
+    ("GET", "/spend/tags"),
+    ("GET", "/v1/analytics/coverage"),
+}
 APP = build_app()
 ROUTES = sorted(
     (method.upper(), path)
@@ -19,27 +32,152 @@ ROUTES = sorted(
 
 
 def test_every_route_is_classified() -> None:
-    assert (
-        len(ROUTES) == 14
-    )  # events, check, sql, 5 budget, 2 limit and 4 report routes: a new one must be classified
-    assert PRODUCER_ROUTES <= set(ROUTES)
+    # events, check, sql, 5 budget, 2 limit, 4 report and 3 key routes: a new one must be classified.
+    assert len(ROUTES) == 17
+    assert PRODUCER_ROUTES <= set(ROUTES) and ANALYST_ROUTES <= set(ROUTES)
 
 
-async def call(method: str, path: str, key: str | None) -> Any:
+async def call(method: str, path: str, key: str | None, body: Any = None, app: Any = APP) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = path.replace("{app_id}", "some-app")
-    async with AsyncClient(transport=ASGITransport(app=APP), base_url="http://test") as http:
-        return await http.request(method, url, headers=headers, json={})
+    url = path.replace("{app_id}", "some-app").replace("{key_id}", "key_0")
+    async with AsyncClient(transport=ASGITransport(app=app), base_url="http://test") as http:
+        return await http.request(method, url, headers=headers, json={} if body is None else body)
 
 
 @pytest.mark.parametrize(("method", "path"), [r for r in ROUTES if r not in PRODUCER_ROUTES])
-async def test_a_producer_key_cannot_reach_admin_routes(method: str, path: str) -> None:
+async def test_a_producer_key_reaches_only_the_producer_routes(method: str, path: str) -> None:
     response = await call(method, path, "prod-key")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden"
+    assert "producer key" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path"), [r for r in ROUTES if r not in ANALYST_ROUTES])
+async def test_an_analyst_key_cannot_send_or_manage(method: str, path: str) -> None:
+    response = await call(method, path, "analyst-key")
     assert response.status_code == 403 and response.json()["error"]["code"] == "forbidden"
 
 
+@pytest.mark.parametrize(("method", "path"), sorted(ANALYST_ROUTES))
+async def test_an_analyst_key_reads(method: str, path: str) -> None:
+    response = await call(method, path, "analyst-key")
+    assert response.status_code not in (401, 403), response.text
+
+
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-@pytest.mark.parametrize("key", [None, "wrong-key", "prod-key-but-longer", "admin-ke"])
+@pytest.mark.parametrize("key", [None, "wrong-key", "prod-key-but-longer", "admin-ke", "analyst-key "])
 async def test_no_key_or_a_wrong_one_is_refused_everywhere(method: str, path: str, key: str | None) -> None:
     response = await call(method, path, key)
+    if key == "analyst-key ":  # surrounding spaces are not part of a key, as in the header itself
+        return
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"
+
+
+def event(n: int, headers: dict[str, str]) -> dict[str, Any]:
+    return {
+        "kind": "completed",
+        "request_id": f"bound-{n}",
+        "model": "openai/gpt-4o",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1},
+        "headers": headers,
+    }
+
+
+async def create_key(app: Any, **body: Any) -> dict[str, Any]:
+    response = await call("POST", "/v1/keys", "admin-key", body, app)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+async def test_a_bound_producer_key_cannot_claim_another_team() -> None:
+    app = build_app()
+    created = await create_key(
+        app, scope="producer", name="search team", apps=["search"], tags=["team:search", "env:*"]
+    )
+    key = created["key"]
+    assert key.startswith("sl_producer_") and created["apps"] == ["search"]
+
+    own = event(1, {"x-anyapi-app-id": "search", "x-litellm-tags": "team:search,env:prod"})
+    before = len(PUBLISHER.sent)
+    assert (await call("POST", "/v1/events", key, own, app)).status_code == 202
+    assert len(PUBLISHER.sent) > before
+
+    attacks = [
+        ({"x-anyapi-app-id": "search", "x-litellm-tags": "team:victim"}, "tags"),
+        ({"x-anyapi-app-id": "billing"}, "app"),
+        ({"x-litellm-tags": "team:search"}, "app"),  # no app named
+        ({"x-anyapi-app-id": "search", "x-anyapi-team": "victim"}, "tags"),
+    ]
+    for headers, field in attacks:
+        before = len(PUBLISHER.sent)
+        batch = {"events": [event(2, {"x-anyapi-app-id": "search"}), event(3, headers)]}
+        response = await call("POST", "/v1/events", key, batch, app)
+        assert response.status_code == 403, (headers, response.text)
+        assert response.json()["error"]["details"]["field"] == field
+        assert response.json()["error"]["details"]["index"] == 1
+        assert len(PUBLISHER.sent) == before  # nothing of the batch was published
+
+
+async def test_keys_are_shown_once_stored_hashed_and_revocable() -> None:
+    app = build_app()
+    created = await create_key(app, scope="analyst", name="finance")
+    key, key_id = created["key"], created["key_id"]
+    assert (await call("POST", "/v1/check", key, {"tags": ["team:a"]}, app)).status_code == 200
+
+    listing = (await call("GET", "/v1/keys", "admin-key", None, app)).json()["keys"]
+    text = str(listing)
+    assert key_id in text and key not in text and key_hash(key) not in text
+    assert {"key_id": "env:admin:0", "scope": "admin", "source": "environment"} in listing
+
+    revoked = await call("POST", f"/v1/keys/{key_id}/revoke", "admin-key", None, app)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+    refused = await call("POST", "/v1/check", key, {"tags": ["team:a"]}, app)
+    assert refused.status_code == 401
+    assert (await call("POST", "/v1/keys/key_nope/revoke", "admin-key", None, app)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"scope": "root"},
+        {"scope": "analyst", "apps": ["x"]},  # only producer keys are bound
+        {"scope": "producer", "tags": ["team"]},
+        {"scope": "producer", "tags": ["team:a*"]},
+        {"scope": "producer", "events_per_s": -1},
+    ],
+)
+async def test_a_bad_key_request_is_refused_naming_the_problem(body: dict[str, Any]) -> None:
+    response = await call("POST", "/v1/keys", "admin-key", body)
+    assert response.status_code == 422, response.text
+
+
+async def test_only_an_admin_manages_keys() -> None:
+    for key in ("prod-key", "analyst-key"):
+        assert (await call("POST", "/v1/keys", key, {"scope": "admin"})).status_code == 403
+        assert (await call("GET", "/v1/keys", key)).status_code == 403
+
+
+async def test_a_key_over_its_rate_gets_429_with_retry_after() -> None:
+    app = build_app()
+    key = (await create_key(app, scope="producer", events_per_s=5))["key"]
+    batch = {"events": [event(n, {}) for n in range(10)]}  # a burst of 2 s: 10 events
+    assert (await call("POST", "/v1/events", key, batch, app)).status_code == 202
+    before = len(PUBLISHER.sent)
+    response = await call("POST", "/v1/events", key, batch, app)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limited"
+    assert int(response.headers["retry-after"]) >= 1
+    assert len(PUBLISHER.sent) == before
+    # Another key is not held back by this one.
+    assert (await call("POST", "/v1/events", "prod-key", batch, app)).status_code == 202
+
+
+async def test_metrics_need_a_reading_key_from_outside() -> None:
+    async def metrics(client_host: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        transport = ASGITransport(app=APP, client=(client_host, 5000))
+        async with AsyncClient(transport=transport, base_url="http://test") as http:
+            return (await http.get("/metrics", headers=headers)).status_code
+
+    assert await metrics("127.0.0.1", None) == 200
+    assert await metrics("10.1.2.3", None) == 401
+    assert await metrics("10.1.2.3", "prod-key") == 403
+    assert await metrics("10.1.2.3", "analyst-key") == 200
