@@ -239,7 +239,7 @@ class _Builder:
             return
         key = self.policy.user_id_hmac_key
         shown = hash_user_id(text, key) if key else text
-        if looks_like_secret(text):
+        if text == REDACTED or looks_like_secret(text):
             self.invalid("secret_redacted", f"user:{REDACTED}")
         elif len(text) > self.policy.max_user_id_chars or not _USER_ID_RE.match(text):
             self.invalid("bad_user_id", f"user:{shown}")
@@ -250,7 +250,7 @@ class _Builder:
         text = _stringify(value).strip()
         if not text:
             return
-        if looks_like_secret(text):
+        if text == REDACTED or looks_like_secret(text):
             self.invalid("secret_redacted", f"app_name:{REDACTED}")
         elif not self.out.app_name:
             self.out.app_name = text[: self.policy.max_value_chars]
