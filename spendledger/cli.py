@@ -124,10 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             migrate(client)
             restore(settings, client, settings.journal_dir, lambda text: print(text, flush=True))
         elif args.command == "migrate":
-            from spendledger.clickhouse import connect, migrate
+            from ingest.sql_guard import PRIVATE_TABLES
+            from spendledger.clickhouse import connect, migrate, migrate_analyst
 
-            for name in migrate(connect(settings)):
+            client = connect(settings)
+            for name in migrate(client):
                 print(f"applied {name}")
+            if migrate_analyst(client, settings, PRIVATE_TABLES):
+                print(f"analyst user ready: {settings.clickhouse_analyst_user}")
     except SpendLedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -206,11 +210,11 @@ def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
         columns, rows = body["columns"], body["rows"]
     else:
         from ingest.errors import ApiError
-        from ingest.sql import ClickHouseQueryEngine, QueryLimits
-        from spendledger.clickhouse import connect
+        from ingest.sql import QueryLimits
+        from spendledger.services import build_query_engine
 
-        engine = ClickHouseQueryEngine(connect(settings, create_database=False))
-        limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
+        engine = build_query_engine(settings)
+        limits = QueryLimits.of(settings)
         try:
             result = engine.query(args.query, limits)
         except ApiError as exc:

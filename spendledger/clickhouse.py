@@ -30,6 +30,77 @@ def connect(settings: Settings, *, create_database: bool = True) -> Any:
         raise StorageUnavailable(f"cannot open ClickHouse: {_describe(exc)}") from exc
 
 
+def connect_analyst(settings: Settings) -> Any:
+    """A client for /v1/sql: in server mode as the analyst user (`analyst_statements`), embedded as the
+    engine's one user (chDB has no users: the guard, readonly=1 and the limits are the whole fence)."""
+    dsn = settings.clickhouse_dsn.get_secret_value()
+    if settings.is_embedded_clickhouse:
+        return connect(settings, create_database=False)
+    password = settings.clickhouse_analyst_password
+    if password is None:
+        raise StorageUnavailable("no analyst user: set SPENDLEDGER_CLICKHOUSE_ANALYST_PASSWORD")
+    try:
+        return clickhouse_connect.get_client(
+            dsn=dsn,
+            username=settings.clickhouse_analyst_user,
+            password=password.get_secret_value(),
+            database=settings.clickhouse_database,
+        )
+    except Exception as exc:  # clickhouse-connect raises several unrelated types
+        raise StorageUnavailable(
+            f"cannot open ClickHouse as {settings.clickhouse_analyst_user} (run `spendledger migrate` with "
+            f"the same SPENDLEDGER_CLICKHOUSE_ANALYST_PASSWORD): {_describe(exc)}"
+        ) from exc
+
+
+def analyst_statements(settings: Settings, private_tables: frozenset[str]) -> list[str]:
+    """The ClickHouse user /v1/sql runs as in server mode: SELECT on the ledger's database (but its
+    private tables) and nothing else, in a settings profile with readonly=1 and the API's limits
+    (readonly=1 also means the user may change no setting: the profile is where the limits live).
+    Idempotent: run again, it sets the password, the limits and the grants to the current settings."""
+    user, database = settings.clickhouse_analyst_user, settings.clickhouse_database
+    password = settings.clickhouse_analyst_password
+    if password is None:
+        raise ValueError("the analyst user needs SPENDLEDGER_CLICKHOUSE_ANALYST_PASSWORD")
+    profile = f"{user}_profile"
+    # Names are identifiers (the settings' patterns), so they quote safely in backticks.
+    limits = ", ".join(
+        (
+            "readonly = 1",
+            f"max_execution_time = {settings.sql_max_seconds}",
+            f"max_memory_usage = {settings.sql_max_memory_bytes}",
+            f"max_result_rows = {settings.sql_max_rows}",
+            f"max_result_bytes = {2 * settings.sql_max_result_bytes}",
+            "result_overflow_mode = 'throw'",
+        )
+    )
+    return [
+        f"CREATE SETTINGS PROFILE IF NOT EXISTS `{profile}`",
+        f"ALTER SETTINGS PROFILE `{profile}` SETTINGS {limits}",
+        f"CREATE USER IF NOT EXISTS `{user}`",
+        f"ALTER USER `{user}` IDENTIFIED WITH sha256_password BY {_quote(password.get_secret_value())} "
+        f"DEFAULT DATABASE `{database}` SETTINGS PROFILE '{profile}'",
+        f"REVOKE ALL ON *.* FROM `{user}`",
+        f"GRANT SELECT ON `{database}`.* TO `{user}`",
+        *(f"REVOKE SELECT ON `{database}`.`{t}` FROM `{user}`" for t in sorted(private_tables)),  # noqa: S608
+    ]
+
+
+def migrate_analyst(client: Any, settings: Settings, private_tables: frozenset[str]) -> bool:
+    """Create or update the analyst user in server mode; False where there is none to make (embedded,
+    or no password set)."""
+    if settings.is_embedded_clickhouse or settings.clickhouse_analyst_password is None:
+        return False
+    for statement in analyst_statements(settings, private_tables):
+        try:
+            client.command(statement)
+        except Exception as exc:  # clickhouse-connect raises several unrelated types
+            verb = " ".join(statement.split()[:3])  # never the statement itself: it may hold the password
+            raise StorageUnavailable(f"cannot set up the analyst user ({verb} …): {_describe(exc)}") from exc
+    log.info("analyst user ready", extra={"user": settings.clickhouse_analyst_user})
+    return True
+
+
 def migrate(client: Any) -> list[str]:
     """Apply every DDL file (idempotent: CREATE … IF NOT EXISTS). Returns the files applied.
 
@@ -62,6 +133,10 @@ def materialized_view(statement: str) -> tuple[str, str, str] | None:
     """(view, target table, SELECT) of a `CREATE MATERIALIZED VIEW v TO target AS SELECT …` statement."""
     match = _VIEW.match(statement.strip())
     return (match.group(1), match.group(2), match.group(3)) if match else None
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _describe(exc: Exception) -> str:
