@@ -9,7 +9,8 @@ Runs, each with progress:
 2. HTTP ingest: batches of 500, and single events from 32 concurrent clients (bench/ingest_http.py);
 3. time to block at 200 and at 2,000 events/s of background traffic, 1 worker (bench/time_to_block.py);
 4. the cost-allocation report over 10M rows in chDB (bench/allocation.py);
-5. worker memory with 1M distinct tags in budget state (bench/state_memory.py).
+5. worker memory with 1M distinct tags in budget state (bench/state_memory.py);
+6. /v1/check latency while producers send 10 batches/s of 1,000 events (bench/check_under_load.py).
 
 Prints a table against the goals and writes bench/results/latest.json (plus a line in
 bench/results/history.jsonl, the last 20 runs), with the machine and versions beside
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import allocation
+import check_under_load
 import ingest_http
 import pipeline
 import state_memory
@@ -176,6 +178,9 @@ def main() -> None:
         figures[f"time_to_block{suffix}_p50_s"] = round(ttb["p50"], 3)
         figures[f"time_to_block{suffix}_p99_s"] = round(ttb["p99"], 3)
         figures[f"time_to_block{suffix}_samples"] = ttb["samples"]
+
+    step("/v1/check while producers send 10 batches/s of 1,000 events")
+    figures.update(check_under_load.run([10.0], 15 if args.quick else 30))
 
     step(f"cost-allocation report over {rows:,} rows")
     report = allocation.run(rows)

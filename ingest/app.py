@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.analytics import ReportStore
@@ -30,7 +30,6 @@ from ingest.errors import (
     Draining,
     Forbidden,
     InvalidEvent,
-    InvalidJson,
     InvalidKeyRequest,
     NotFound,
     PayloadTooLarge,
@@ -40,15 +39,12 @@ from ingest.errors import (
     error_body,
     status_for,
 )
-from ingest.events import attribution_warnings, raw_messages, sanitize
 from ingest.keys import KeyRing, KeyStore, RateLimiter, describe
+from ingest.prepare import IngestPool, error_detail
 from ingest.publisher import EventPublisher
-from ingest.sql import QueryEngine, QueryLimits
-from ledger.attribute import attribution_of
-from ledger.errors import UsageError
+from ingest.sql import QueryEngine, QueryGate, QueryLimits
 from ledger.scopes import SCOPES, ApiKey, Binding, Permission, allows, scopes_allowed, valid_tag_pattern
-from ledger.usage import parse_usage
-from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent, time_bounds
+from schemas.events import EventBatch, RawEvent
 from spendledger.errors import BrokerUnavailable
 from spendledger.settings import Settings
 
@@ -78,7 +74,7 @@ class AcceptedResponse(BaseModel):
 
 
 class SqlRequest(BaseModel):
-    query: str = Field(min_length=1, max_length=100_000)
+    query: str = Field(min_length=1, max_length=20_000)  # checking 100 kB took seconds of CPU
 
 
 class KeyCreate(BaseModel):
@@ -93,7 +89,9 @@ class KeyCreate(BaseModel):
     tags: list[str] = Field(
         default_factory=list, max_length=100, description="`key:value`, or `key:*` for every value of a key"
     )
-    events_per_s: int = Field(default=0, ge=0, le=10_000_000, description="this key's rate limit; 0: the default")
+    events_per_s: int = Field(
+        default=0, ge=0, le=10_000_000, description="this key's rate limit; 0: the default"
+    )
 
 
 class SqlResponse(BaseModel):
@@ -131,6 +129,8 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     budgets: BudgetServices | None = None
     reports: ReportStore | None = None
+    # Processes that parse and check events (ingest.prepare); 0: a thread of the API's own.
+    ingest_processes: int = 0
     # Keys created through /v1/keys (hashed); None: only the environment's keys.
     key_store: KeyStore | None = None
     # Set when the service stops: new events are refused (503, Retry-After) while what was
@@ -154,11 +154,23 @@ def create_app(services: Services) -> FastAPI:
     ).start()
     services.on_shutdown.append(keys.stop)
     rate_limiter = RateLimiter(settings.key_events_per_s)
-    limits = QueryLimits(settings.sql_max_rows, settings.sql_max_seconds, settings.sql_max_memory_bytes)
+    pool = IngestPool(services.ingest_processes)
+    services.on_shutdown.append(pool.close)
+    limits = QueryLimits.of(settings)
     metrics = services.metrics
+    # SQL runs on a pool of its own, at most SQL_MAX_CONCURRENCY at once; the event loop never waits for it.
+    sql_gate = (
+        QueryGate(services.queries, settings.sql_max_concurrency, wait_s=2.0)
+        if services.queries is not None
+        else None
+    )
+    if sql_gate is not None:
+        services.on_shutdown.append(sql_gate.close)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if services.ingest_processes:
+            await asyncio.to_thread(pool.start)
         yield
         for close in reversed(services.on_shutdown):
             close()
@@ -203,7 +215,7 @@ def create_app(services: Services) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.requests_rejected.labels(InvalidEvent.code).inc()
-        details = [_error_detail(e) for e in exc.errors()]
+        details = [error_detail(e) for e in exc.errors()]
         return JSONResponse(error_body("invalid_request", "the request breaks the schema", details), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -263,45 +275,55 @@ def create_app(services: Services) -> FastAPI:
             )
         body = await _read_body(request, settings.max_body_bytes)
         received_at = datetime.now(UTC)
-        events = _parse_events(body, time_bounds(received_at, settings.max_future_skew_s))
-        wait_s = rate_limiter.take(key, len(events))
-        if wait_s > 0:
-            raise RateLimited(
-                f"this key may send {key.events_per_s or settings.key_events_per_s:g} events per second; "
-                "nothing was acknowledged, retry later with the same event ids",
-                {"limit_events_per_s": key.events_per_s or settings.key_events_per_s},
-                retry_after_s=max(1, round(wait_s + 0.5)),
-            )
-        published = [sanitize(e, received_at=received_at) for e in events]
-        if key.binding.bound:
-            _check_binding(key.binding, published, policy)
         try:
             partitions = await services.publisher.partition_count(settings.topics.raw)
-            await services.publisher.publish(settings.topics.raw, raw_messages(published, partitions))
+        except BrokerUnavailable:
+            partitions = None  # one message per event; the publish below says whether Kafka is back
+        prepared = await pool.run(
+            body,
+            received_at=received_at,
+            max_future_skew_s=settings.max_future_skew_s,
+            binding=key.binding,
+            policy=policy,
+            partitions=partitions,
+            max_event_bytes=settings.max_event_bytes,
+            warnings=warnings,
+        )
+        wait_s = rate_limiter.take(key, len(prepared.event_ids))
+        if wait_s > 0:
+            limit = key.events_per_s or settings.key_events_per_s
+            raise RateLimited(
+                f"this key may send {limit:g} events per second; "
+                "nothing was acknowledged, retry later with the same event ids",
+                {"limit_events_per_s": limit},
+                retry_after_s=max(1, round(wait_s + 0.5)),
+            )
+        try:
+            await services.publisher.publish(settings.topics.raw, prepared.messages)
         except BrokerUnavailable as exc:
             raise BrokerUnavailableError(
                 f"{exc}; nothing was acknowledged, retry with the same event ids",
-                {"event_ids": [p["event_id"] for p in published]},
+                {"event_ids": prepared.event_ids},
                 retry_after_s=settings.retry_after_s,
             ) from exc
         metrics.publish_seconds.observe(time.perf_counter() - started)
-        for p in published:
-            metrics.events_accepted.labels(p["kind"]).inc()
-        return AcceptedResponse.model_validate(
-            {
-                "accepted": len(published),
-                "event_ids": [p["event_id"] for p in published],
-                "warnings": attribution_warnings(published, policy) if warnings else [],
-            }
-        )
+        for kind in prepared.kinds:
+            metrics.events_accepted.labels(kind).inc()
+        answer = {
+            "accepted": len(prepared.event_ids),
+            "event_ids": prepared.event_ids,
+            "warnings": prepared.warnings,
+        }
+        return Response(orjson.dumps(answer), status_code=202, media_type="application/json")  # type: ignore[return-value]
 
     @app.post("/v1/sql", response_model=SqlResponse)
     async def post_sql(body: SqlRequest, _: Annotated[ApiKey, Depends(require_read)]) -> SqlResponse:
-        """Read-only ClickHouse SQL over the ledger, with row, time and memory limits."""
-        if services.queries is None:
+        """One SELECT over the ledger's tables (or SHOW TABLES, DESCRIBE <table>), checked on a parsed tree,
+        with row, byte, time and memory limits."""
+        if sql_gate is None:
             raise StorageUnavailableError("this API instance has no ClickHouse connection")
         started = time.perf_counter()
-        result = await asyncio.to_thread(services.queries.query, body.query, limits)
+        result = await sql_gate.run(body.query, limits)
         metrics.sql_seconds.observe(time.perf_counter() - started)
         return SqlResponse(columns=result.columns, rows=result.rows)
 
@@ -360,7 +382,9 @@ def create_app(services: Services) -> FastAPI:
             raise InvalidKeyRequest(f"scope must be one of {list(SCOPES)}", {"field": "scope"})
         binding = Binding.of(body.apps, body.tenants, body.tags)
         if binding.bound and body.scope != "producer":
-            raise InvalidKeyRequest("only producer keys can be bound to apps, tenants or tags", {"field": "scope"})
+            raise InvalidKeyRequest(
+                "only producer keys can be bound to apps, tenants or tags", {"field": "scope"}
+            )
         bad = [t for t in body.tags if not valid_tag_pattern(t)]
         if bad:
             raise InvalidKeyRequest(f"tags must be `key:value` or `key:*`; got {bad[:3]}", {"field": "tags"})
@@ -419,18 +443,6 @@ def _dashboard_html() -> str:
     return resources.files("ingest").joinpath("ui/index.html").read_text(encoding="utf-8")
 
 
-def _check_binding(binding: Binding, published: list[dict[str, Any]], policy: Any) -> None:
-    """Refuse the whole request when any event claims more than the key's binding."""
-    for index, event in enumerate(published):
-        problem = binding.violation(attribution_of([event], policy))
-        if problem is not None:
-            field_name, reason = problem
-            raise Forbidden(
-                f"event {index}: {reason}; nothing was acknowledged",
-                {"index": index, "field": field_name, "event_id": event["event_id"]},
-            )
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -443,52 +455,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is larger than {limit} bytes", {"limit_bytes": limit})
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _parse_events(body: bytes, context: dict[str, Any]) -> list[RawEvent]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from exc
-    try:
-        if isinstance(data, dict) and "events" in data:
-            events = EventBatch.model_validate(data, context=context).events
-        elif isinstance(data, dict):
-            events = [RawEvent.model_validate(data, context=context)]
-        else:
-            raise InvalidEvent(
-                f'send one event object or {{"events": [...]}} with up to {MAX_BATCH_EVENTS} events'
-            )
-    except ValidationError as exc:
-        details = [_error_detail(e) for e in exc.errors()]
-        raise InvalidEvent(_problems_message(details), details) from exc
-    problems = []
-    for index, event in enumerate(events):
-        if event.kind == "usage" and event.usage is None:
-            problems.append({"loc": ["events", index, "usage"], "msg": "a usage event needs a usage object"})
-        try:
-            parse_usage(event.usage)
-        except UsageError as exc:
-            problems.append({"loc": ["events", index, "usage"], "msg": str(exc)})
-    if problems:
-        raise InvalidEvent(_problems_message(problems), problems)
-    return events
-
-
-def _problems_message(details: list[dict[str, Any]]) -> str:
-    """The first problem in words, e.g. `events[3].headers: at most 100 headers; nothing was published`."""
-    first = details[0]
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-    more = (
-        f" (and {len(details) - 1} more problem{'s' if len(details) > 2 else ''})" if len(details) > 1 else ""
-    )
-    return f"{where or 'event'}: {first['msg']}{more}; nothing was published"
-
-
-def _error_detail(error: Any) -> dict[str, Any]:
-    # Never echo the input back: it may hold a credential the producer sent by mistake.
-    message = str(error.get("msg", "")).removeprefix("Value error, ")
-    return {"loc": list(error.get("loc", ())), "msg": message, "type": error.get("type", "")}
 
 
 def _register_models(app: FastAPI, models: list[type[BaseModel]]) -> None:

@@ -16,6 +16,13 @@ class ApiError(Exception):
         self.details = details
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> Any:  # across a process boundary (ingest.prepare), with its details
+        return _rebuild, (type(self), self.message, self.details, self.retry_after_s)
+
+
+def _rebuild(cls: type[ApiError], message: str, details: Any, retry_after_s: int | None) -> ApiError:
+    return cls(message, details, retry_after_s=retry_after_s)
+
 
 class InvalidJson(ApiError):
     """The body is not JSON."""
@@ -107,6 +114,12 @@ class InvalidReport(ApiError):
     code = "invalid_report"
 
 
+class IngestUnavailable(ApiError):
+    """The process that checks events stopped mid-request; retrying is safe."""
+
+    code = "ingest_unavailable"
+
+
 class RateLimited(ApiError):
     """A key sent more than its rate allows; `Retry-After` says when to send again."""
 
@@ -136,6 +149,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     BudgetsUnavailable: 503,
     InvalidReport: 400,
     RateLimited: 429,
+    IngestUnavailable: 503,
     InvalidKeyRequest: 422,
 }
 

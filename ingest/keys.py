@@ -178,7 +178,9 @@ class KeyRing:
         if self._store is None:
             raise RuntimeError("no key store")
         key_id, secret = new_key(key.scope)
-        stored = StoredKey(ApiKey(key_id, key.scope, key.name, key.binding, key.events_per_s), key_hash(secret), now)
+        stored = StoredKey(
+            ApiKey(key_id, key.scope, key.name, key.binding, key.events_per_s), key_hash(secret), now
+        )
         self._store.save(stored)
         with self._lock:
             self._stored[stored.key_hash] = stored

@@ -646,6 +646,8 @@ def run_worker(settings: Settings) -> None:
     from spendledger.kafka import ensure_topics
 
     ensure_topics(settings)  # the outbox writes topics no agent reads, so Faust would not declare them
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)  # on a shared host, the gateway's /v1/check goes first
     app = create_app(settings)
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,6 +24,30 @@ def build_sink(settings: Settings) -> Any:
     return Sink(settings, ClickHouseStore(client))
 
 
+def build_query_engine(settings: Settings, client: Any | None = None) -> Any:
+    """The /v1/sql engine: `client` (or a new one) answers the health check; each SQL thread opens a
+    connection of its own, as the analyst user against a server. Against a server without the analyst
+    user's password it runs no SQL (503 saying so): the main user may write."""
+    from ingest.sql import ClickHouseQueryEngine
+    from spendledger.clickhouse import connect_analyst
+
+    health = client if client is not None else connect(settings, create_database=False)
+    database = settings.clickhouse_database
+    if not settings.is_embedded_clickhouse and settings.clickhouse_analyst_password is None:
+        return ClickHouseQueryEngine(
+            health,
+            database=database,
+            unavailable="SQL is off: set SPENDLEDGER_CLICKHOUSE_ANALYST_PASSWORD and run `spendledger migrate`, "
+            "which creates the ClickHouse user that may only read the ledger",
+        )
+    return ClickHouseQueryEngine(
+        health,
+        connect=lambda: connect_analyst(settings),
+        database=database,
+        per_query_limits=settings.is_embedded_clickhouse,  # a server's analyst profile holds them
+    )
+
+
 def run_api(settings: Settings) -> None:
     """Serve the API with uvicorn; in embedded mode also host the sink (chDB allows one process).
 
@@ -33,6 +58,9 @@ def run_api(settings: Settings) -> None:
 
     import uvicorn
 
+    # The ingest and sink threads hold the GIL most of the time under load; a short switch
+    # interval hands it to the event loop (and /v1/check) sooner.
+    sys.setswitchinterval(settings.api_switch_interval_s)
     draining = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: draining.set())  # first: `up` may drain a starting API
 
@@ -40,7 +68,6 @@ def run_api(settings: Settings) -> None:
     from ingest.app import Services, create_app
     from ingest.keys import ClickHouseKeyStore
     from ingest.publisher import EventPublisher, JournaledPublisher, KafkaPublisher
-    from ingest.sql import ClickHouseQueryEngine
     from spendledger.journal import Journal
 
     client = connect(settings)
@@ -52,10 +79,11 @@ def run_api(settings: Settings) -> None:
     services = Services(
         settings=settings,
         publisher=publisher,
-        queries=ClickHouseQueryEngine(client),
+        queries=build_query_engine(settings, client),
         budgets=build_budget_services(settings),
         reports=ClickHouseReports(connect(settings, create_database=False), settings.sql_max_seconds),
         key_store=ClickHouseKeyStore(connect(settings, create_database=False)),
+        ingest_processes=settings.ingest_processes,
         draining=draining,
     )
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]

@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     # ClickHouse
     clickhouse_dsn: SecretStr = SecretStr("chdb://./.spendledger/clickhouse")
     clickhouse_database: str = Field(default="spend", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    clickhouse_analyst_user: str = Field(
+        default="spendledger_analyst",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="server mode: the ClickHouse user /v1/sql runs as (SELECT on the ledger's database only)",
+    )
+    clickhouse_analyst_password: SecretStr | None = Field(
+        default=None,
+        description="server mode: `migrate` creates the analyst user with it and the API connects as it; "
+        "unset, /v1/sql answers 503 against a ClickHouse server",
+    )
 
     # API
     producer_keys: SecretStr = SecretStr("")
@@ -48,11 +58,23 @@ class Settings(BaseSettings):
         default=20_000.0, ge=0, description="events per second one key may send (bursts of 2 s); 0: no limit"
     )
     metrics_public: bool = Field(
-        default=False, description="serve /metrics to anyone; otherwise loopback clients or analyst/admin keys"
+        default=False,
+        description="serve /metrics to anyone; otherwise loopback clients or analyst/admin keys",
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    ingest_processes: int = Field(
+        default=1, ge=0, le=64, description="processes that parse and check events (0: a thread of the API)"
+    )
+    api_switch_interval_s: float = Field(
+        default=0.0005, gt=0, le=0.1, description="the API's sys.setswitchinterval (Python's default: 0.005)"
+    )
+    max_event_bytes: int = Field(
+        default=900_000,
+        ge=1024,
+        description="one event's size as published; keep it under the brokers' message.max.bytes (1 MB by default)",
+    )
     max_future_skew_s: float = Field(
         default=300.0,
         ge=0,
@@ -63,7 +85,16 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     sql_max_rows: int = Field(default=10_000, ge=1)
     sql_max_seconds: int = Field(default=15, ge=1)
-    sql_max_memory_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
+    sql_max_memory_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    sql_max_result_bytes: int = Field(
+        default=16 * 1024**2, ge=1024, description="the most a /v1/sql result may hold, counted as JSON"
+    )
+    sql_max_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="SQL queries one API instance runs at once (threads and connections of their own)",
+    )
     coverage_dimensions: str = Field(
         default="team,env,feature", description="dimensions /v1/analytics/coverage measures by default"
     )
@@ -89,6 +120,12 @@ class Settings(BaseSettings):
 
     # Processors
     worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    worker_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="the worker's niceness: where it shares cores with an API, the API's /v1/check goes first",
+    )
     worker_web_host: str = Field(
         default="127.0.0.1", description="where the worker's web server (metrics, Faust's pages) listens"
     )
@@ -177,7 +214,9 @@ class Settings(BaseSettings):
         for scope, keys in lists.items():
             for key in _split(keys):
                 if seen.setdefault(key, scope) != scope:
-                    raise ValueError(f"a key is listed as both {seen[key]} and {scope} key; scopes must differ")
+                    raise ValueError(
+                        f"a key is listed as both {seen[key]} and {scope} key; scopes must differ"
+                    )
         return self
 
     @property
@@ -218,4 +257,3 @@ class Settings(BaseSettings):
 
 def _split(keys: SecretStr) -> list[str]:
     return [k.strip() for k in keys.get_secret_value().split(",") if k.strip()]
-
