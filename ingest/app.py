@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.analytics import ReportStore
 from ingest.analytics import create_router as create_analytics_router
-from ingest.budgets import BudgetServices, create_router
+from ingest.budgets import BudgetServices, canonical_tag, create_router
 from ingest.errors import (
     FRAMEWORK_CODES,
     ApiError,
@@ -184,6 +185,8 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
 
+    app.add_middleware(Door, limit=settings.max_body_bytes)
+
     def authenticate(request: Request) -> ApiKey:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -273,31 +276,36 @@ def create_app(services: Services) -> FastAPI:
                 "the ledger is stopping; nothing was acknowledged, retry with the same event ids",
                 retry_after_s=settings.retry_after_s,
             )
-        body = await _read_body(request, settings.max_body_bytes)
-        received_at = datetime.now(UTC)
-        try:
-            partitions = await services.publisher.partition_count(settings.topics.raw)
-        except BrokerUnavailable:
-            partitions = None  # one message per event; the publish below says whether Kafka is back
-        prepared = await pool.run(
-            body,
-            received_at=received_at,
-            max_future_skew_s=settings.max_future_skew_s,
-            binding=key.binding,
-            policy=policy,
-            partitions=partitions,
-            max_event_bytes=settings.max_event_bytes,
-            warnings=warnings,
-        )
-        wait_s = rate_limiter.take(key, len(prepared.event_ids))
+        wait_s = rate_limiter.admit(key)
         if wait_s > 0:
             limit = key.events_per_s or settings.key_events_per_s
             raise RateLimited(
                 f"this key may send {limit:g} events per second; "
                 "nothing was acknowledged, retry later with the same event ids",
                 {"limit_events_per_s": limit},
-                retry_after_s=max(1, round(wait_s + 0.5)),
+                retry_after_s=max(1, math.ceil(wait_s)),
             )
+        body = await _read_body(request, settings.max_body_bytes)
+        received_at = datetime.now(UTC)
+        try:
+            partitions = await services.publisher.partition_count(settings.topics.raw)
+        except BrokerUnavailable:
+            partitions = None  # one message per event; the publish below says whether Kafka is back
+        try:
+            prepared = await pool.run(
+                body,
+                received_at=received_at,
+                max_future_skew_s=settings.max_future_skew_s,
+                binding=key.binding,
+                policy=policy,
+                partitions=partitions,
+                max_event_bytes=settings.max_event_bytes,
+                warnings=warnings,
+            )
+        except ApiError:
+            rate_limiter.charge(key, max(1, body.count(b'"kind"')))  # a refused body costs its events too
+            raise
+        rate_limiter.charge(key, len(prepared.event_ids))
         try:
             await services.publisher.publish(settings.topics.raw, prepared.messages)
         except BrokerUnavailable as exc:
@@ -371,7 +379,7 @@ def create_app(services: Services) -> FastAPI:
         """Prometheus metrics: open to loopback clients; others need an analyst or admin key
         (unless `METRICS_PUBLIC`)."""
         client = request.client.host if request.client else ""
-        if not settings.metrics_public and client not in ("127.0.0.1", "::1", "localhost", "testclient"):
+        if not settings.metrics_public and client not in ("127.0.0.1", "::1"):
             require_read(authenticate(request))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -388,6 +396,7 @@ def create_app(services: Services) -> FastAPI:
         bad = [t for t in body.tags if not valid_tag_pattern(t)]
         if bad:
             raise InvalidKeyRequest(f"tags must be `key:value` or `key:*`; got {bad[:3]}", {"field": "tags"})
+        binding = Binding.of(body.apps, body.tenants, [_canonical_pattern(t, policy) for t in body.tags])
         if services.key_store is None:
             raise StorageUnavailableError("this API instance has no key store")
         new = ApiKey("", body.scope, body.name, binding, body.events_per_s)
@@ -436,6 +445,46 @@ def create_app(services: Services) -> FastAPI:
     # Make RawEvent and EventBatch appear in the OpenAPI components for the oneOf above.
     _register_models(app, [RawEvent, EventBatch])
     return app
+
+
+def _canonical_pattern(pattern: str, policy: Any) -> str:
+    """A tag pattern as the ledger writes tags (`env:prod` -> `env:production`, `department:*` -> `team:*`)."""
+    key, _, value = pattern.partition(":")
+    try:
+        tag = canonical_tag(f"{key}:{'x' if value == '*' else value}", policy)
+    except ApiError as exc:
+        raise InvalidKeyRequest(
+            f"{pattern!r} is not a tag pattern: {exc.message}", {"field": "tags"}
+        ) from exc
+    return f"{tag.split(':', 1)[0]}:*" if value == "*" else tag
+
+
+class Door:
+    """Before a body is read or parsed: a POST without a key gets 401, one declaring a body over the
+    limit 413 (FastAPI parses a route's JSON body before its key dependency runs)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-length", b"")
+            refusal: ApiError | None = None
+            if not headers.get(b"authorization", b"").strip():
+                refusal = Unauthenticated("send an API key as 'Authorization: Bearer <key>'")
+            elif declared.isdigit() and int(declared) > self.limit:
+                refusal = PayloadTooLarge(
+                    f"the body is larger than {self.limit} bytes", {"limit_bytes": self.limit}
+                )
+            if refusal is not None:
+                response = JSONResponse(
+                    error_body(refusal.code, refusal.message, refusal.details), status_for(refusal)
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @functools.cache

@@ -109,9 +109,11 @@ class ClickHouseKeyStore:
         return out
 
 
+# A key never changes but for its revocation, and a revocation sticks: any revoked row revokes it,
+# whatever the versions (hosts' clocks) say.
 _SELECT_KEYS = (
-    "SELECT key_id, key_hash, scope, name, apps, tenants, tags, events_per_s, created_at, revoked_at "
-    "FROM api_keys FINAL"
+    "SELECT key_id, any(key_hash), any(scope), any(name), any(apps), any(tenants), any(tags), "
+    "any(events_per_s), min(created_at), max(revoked_at) FROM api_keys GROUP BY key_id"
 )
 
 
@@ -229,7 +231,11 @@ def describe(row: StoredKey) -> dict[str, Any]:
 
 
 class RateLimiter:
-    """A token bucket of events per key: `rate` per second, bursts up to `burst_s` seconds' worth."""
+    """A token bucket of events per key: `rate` per second, holding up to `burst_s` seconds' worth.
+
+    A request is admitted while its key's bucket holds a whole token, and charged after it was
+    read: its events, or for a refused one an estimate from its size. A batch larger than the
+    bucket puts the key in debt until the rate has paid it back."""
 
     def __init__(self, rate: float, burst_s: float = 2.0) -> None:
         self.rate = rate
@@ -237,18 +243,29 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key_id -> (tokens, at)
         self._lock = threading.Lock()
 
-    def take(self, key: ApiKey, n: int, now: float | None = None) -> float:
-        """Take `n` events' tokens; 0.0 when allowed, else the seconds to wait before retrying."""
-        rate = key.events_per_s or self.rate
+    def _rate(self, key: ApiKey) -> float:
+        return key.events_per_s or self.rate
+
+    def _refilled(self, key: ApiKey, rate: float, now: float) -> float:
+        capacity = max(1.0, rate * self.burst_s)
+        tokens, at = self._buckets.get(key.key_id, (capacity, now))
+        return min(capacity, tokens + (now - at) * rate)
+
+    def admit(self, key: ApiKey, now: float | None = None) -> float:
+        """0.0 when the key may send now, else the seconds until it may."""
+        rate = self._rate(key)
         if rate <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
-        capacity = max(rate * self.burst_s, float(n))
         with self._lock:
-            tokens, at = self._buckets.get(key.key_id, (capacity, now))
-            tokens = min(capacity, tokens + (now - at) * rate)
-            if tokens >= n:
-                self._buckets[key.key_id] = (tokens - n, now)
-                return 0.0
+            tokens = self._refilled(key, rate, now)
             self._buckets[key.key_id] = (tokens, now)
-            return (n - tokens) / rate
+        return 0.0 if tokens >= 1 else (1 - tokens) / rate
+
+    def charge(self, key: ApiKey, n: int, now: float | None = None) -> None:
+        rate = self._rate(key)
+        if rate <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._buckets[key.key_id] = (self._refilled(key, rate, now) - n, now)

@@ -145,16 +145,41 @@ def check_sizes(messages: list[tuple[bytes, bytes]], published: list[dict[str, A
             )
 
 
+# Attribution a call's record would drop, and so never shows when one event is checked alone; in a
+# joined call (a request and its usage) the other event's inputs can make it count instead.
+_HIDDEN_CLAIMS = ("conflict", "too_many_tags")
+
+
 def check_binding(binding: Binding, published: list[dict[str, Any]], policy: AttributionPolicy) -> None:
-    """Refuse the whole request when any event claims more than the key's binding."""
+    """Refuse the whole request when any event claims more than the key's binding.
+
+    Each event is checked alone, so it must also carry nothing that its own attribution would
+    drop but a join with its partner could keep: a header sent twice under two spellings (the
+    join merges by the name as sent), a second value for a dimension, tags over the limit."""
     for index, event in enumerate(published):
-        problem = binding.violation(attribution_of([event], policy))
-        if problem is not None:
-            field_name, reason = problem
-            raise Forbidden(
-                f"event {index}: {reason}; nothing was acknowledged",
-                {"index": index, "field": field_name, "event_id": event["event_id"]},
+        names = [name.strip().lower() for name in event.get("headers") or {}]
+        if len(names) != len(set(names)):
+            _refuse(index, event, "headers", "a bound key may not send one header under two spellings")
+        attribution = attribution_of([event], policy)
+        hidden = [entry for entry in attribution.invalid if entry.split("|", 1)[0] in _HIDDEN_CLAIMS]
+        if hidden:
+            reason, _, claim = hidden[0].partition("|")
+            _refuse(
+                index,
+                event,
+                "tags",
+                f"a bound key may not send claims the ledger would drop ({reason}: {claim!r})",
             )
+        problem = binding.violation(attribution)
+        if problem is not None:
+            _refuse(index, event, *problem)
+
+
+def _refuse(index: int, event: dict[str, Any], field_name: str, reason: str) -> None:
+    raise Forbidden(
+        f"event {index}: {reason}; nothing was acknowledged",
+        {"index": index, "field": field_name, "event_id": event["event_id"]},
+    )
 
 
 def parse_events(body: bytes, context: dict[str, Any]) -> list[RawEvent]:

@@ -9,8 +9,9 @@ Three scopes, each a superset of nothing else but admin:
 A producer key may be *bound*: to the apps it may claim, the tenants, and the tags. An
 event whose attribution claims anything outside the binding is refused as a whole, naming
 the field, so one team's key cannot charge (or block) another team's budget. Tag patterns
-are `key:value` for one tag or `key:*` for every value of a key; app and tenant tags are
-governed by their own lists and need no tag pattern.
+are `key:value` for one tag or `key:*` for every value of a key. App and tenant tags follow
+their own lists when the key has one. A bound key's every other tag must match a pattern:
+a key bound to an app only claims no team, user or environment (`--tag 'env:*'` allows one).
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ class Binding:
                 return dimension, f"this key must name its {dimension} (one of {sorted(allowed)})"
             if value not in allowed:
                 return dimension, f"this key may not claim {dimension} {value!r} (allowed: {sorted(allowed)})"
-        if self.tags:
-            for tag in attribution.tags:
-                key = tag.split(":", 1)[0] if ":" in tag else ""
-                if key in ("app", "tenant") and (self.apps if key == "app" else self.tenants):
-                    continue
-                if tag not in self.tags and f"{key}:*" not in self.tags:
-                    return "tags", f"this key may not claim tag {tag!r} (allowed: {sorted(self.tags)})"
+        if not self.bound:
+            return None
+        for tag in attribution.tags:
+            key = tag.split(":", 1)[0] if ":" in tag else ""
+            if key in ("app", "tenant") and (self.apps if key == "app" else self.tenants):
+                continue
+            if tag not in self.tags and f"{key}:*" not in self.tags:
+                return "tags", f"this key may not claim tag {tag!r} (allowed: {sorted(self.tags) or 'none'})"
         return None
 
 

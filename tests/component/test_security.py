@@ -117,6 +117,44 @@ async def test_a_bound_producer_key_cannot_claim_another_team() -> None:
         assert len(PUBLISHER.sent) == before  # nothing of the batch was published
 
 
+@pytest.mark.parametrize(
+    ("headers", "metadata", "field"),
+    [
+        # One header under two spellings: the join merges by the name as sent, so the other one could win.
+        ({"X-AnyAPI-App-ID": "billing", "x-anyapi-app-id": "search"}, None, "headers"),
+        # A second value for a dimension is dropped alone, but could count once the partner's header wins.
+        ({"x-anyapi-app-id": "search", "x-anyapi-team": "search"}, {"team": "victim"}, "tags"),
+        # Tags over the limit are dropped alone, and could count once the partner's tags replace these.
+        (
+            {"x-anyapi-app-id": "search", "x-litellm-tags": ",".join(f"k:{i}" for i in range(60))},
+            {"tags": ["customer:victim"]},
+            "tags",
+        ),
+        # An app-only binding claims no team.
+        ({"x-anyapi-app-id": "search", "x-anyapi-team": "victim"}, None, "tags"),
+    ],
+)
+async def test_a_bound_key_cannot_hide_a_claim_for_the_join(
+    headers: dict[str, str], metadata: dict[str, Any] | None, field: str
+) -> None:
+    app = build_app()
+    key = (await create_key(app, scope="producer", apps=["search"], tags=["team:search", "k:*"]))["key"]
+    body = event(9, headers)
+    if metadata:
+        body["metadata"] = metadata
+    response = await call("POST", "/v1/events", key, body, app)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["details"]["field"] == field
+
+
+async def test_tag_patterns_are_kept_as_the_ledger_writes_tags() -> None:
+    app = build_app()
+    created = await create_key(app, scope="producer", tags=["env:prod", "department:*"])
+    assert created["tags"] == ["env:production", "team:*"]
+    ok = event(10, {"x-litellm-tags": "env:production,team:infra"})
+    assert (await call("POST", "/v1/events", created["key"], ok, app)).status_code == 202
+
+
 async def test_keys_are_shown_once_stored_hashed_and_revocable() -> None:
     app = build_app()
     created = await create_key(app, scope="analyst", name="finance")
@@ -168,6 +206,30 @@ async def test_a_key_over_its_rate_gets_429_with_retry_after() -> None:
     assert len(PUBLISHER.sent) == before
     # Another key is not held back by this one.
     assert (await call("POST", "/v1/events", "prod-key", batch, app)).status_code == 202
+    # Over its rate, a key's next body is not even read.
+    refused = await call("POST", "/v1/events", key, {"not": "an event"}, app)
+    assert refused.status_code == 429
+
+
+async def test_a_refused_batch_costs_its_key_too() -> None:
+    app = build_app()
+    key = (await create_key(app, scope="producer", events_per_s=5))["key"]
+    bad = {"events": [{"kind": "request"}] * 10}  # no request_id: 422, read and parsed all the same
+    assert (await call("POST", "/v1/events", key, bad, app)).status_code == 422
+    assert (await call("POST", "/v1/events", key, bad, app)).status_code == 429
+
+
+async def test_a_body_is_not_read_before_a_key_is_shown() -> None:
+    for path in ("/v1/sql", "/v1/check", "/v1/keys", "/tag/new"):
+        async with AsyncClient(transport=ASGITransport(app=APP), base_url="http://test") as http:
+            response = await http.post(
+                path, content=b"{not json", headers={"Content-Type": "application/json"}
+            )
+        assert response.status_code == 401, (path, response.text)
+    headers = {"Authorization": "Bearer admin-key", "Content-Length": str(50 * 1024 * 1024)}
+    async with AsyncClient(transport=ASGITransport(app=APP), base_url="http://test") as http:
+        response = await http.post("/v1/sql", content=b"{}", headers=headers)
+    assert response.status_code == 413
 
 
 async def test_metrics_need_a_reading_key_from_outside() -> None:
