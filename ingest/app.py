@@ -301,6 +301,7 @@ def create_app(services: Services) -> FastAPI:
                 partitions=partitions,
                 max_event_bytes=settings.max_event_bytes,
                 warnings=warnings,
+                key_id=key.key_id,
             )
         except ApiError:
             rate_limiter.charge(key, max(1, body.count(b'"kind"')))  # a refused body costs its events too

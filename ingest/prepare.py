@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -29,7 +30,7 @@ from ledger.errors import UsageError
 from ledger.scopes import Binding
 from ledger.tags import AttributionPolicy
 from ledger.usage import parse_usage
-from schemas.events import MAX_BATCH_EVENTS, EventBatch, RawEvent, time_bounds
+from schemas.events import MAX_BATCH_EVENTS, MAX_ID_CHARS, EventBatch, RawEvent, time_bounds
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,21 @@ def prepare_events(
     partitions: int | None,
     max_event_bytes: int,
     warnings: bool,
+    key_id: str = "",
 ) -> Prepared:
     """Parse, check and sanitize a body's events, and build their `spend.raw` messages.
-    Raises the API's errors (400, 403, 413, 422) for what cannot be accepted."""
+    Raises the API's errors (400, 403, 413, 422) for what cannot be accepted.
+
+    A bound key's ids live in its own namespace (`<key_id>/<id>`): its events join and dedupe
+    only with its own, so it can neither attach its usage to another producer's request nor
+    take another producer's event id."""
     events = parse_events(body, time_bounds(received_at, max_future_skew_s))
     published = [sanitize(e, received_at=received_at) for e in events]
     if binding.bound:
         check_binding(binding, published, policy)
+        for event in published:
+            event["request_id"] = namespaced(key_id, event["request_id"])
+            event["event_id"] = namespaced(key_id, event["event_id"])
     messages = raw_messages(published, partitions)
     check_sizes(messages, published, max_event_bytes)
     return Prepared(
@@ -67,6 +76,14 @@ def prepare_events(
         messages,
         attribution_warnings(published, policy) if warnings else [],
     )
+
+
+def namespaced(key_id: str, identifier: str) -> str:
+    """`<key_id>/<id>`, within the ids' length (a long id keeps a hash of itself)."""
+    out = f"{key_id}/{identifier}"
+    if len(out) <= MAX_ID_CHARS:
+        return out
+    return f"{key_id}/h{hashlib.sha256(identifier.encode()).hexdigest()[:40]}"
 
 
 class IngestPool:

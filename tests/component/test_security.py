@@ -3,6 +3,7 @@ what they are bound to; keys created through the API are stored hashed and can b
 
 from typing import Any
 
+import orjson
 import pytest
 from httpx import ASGITransport, AsyncClient
 
@@ -145,6 +146,27 @@ async def test_a_bound_key_cannot_hide_a_claim_for_the_join(
     response = await call("POST", "/v1/events", key, body, app)
     assert response.status_code == 403, response.text
     assert response.json()["error"]["details"]["field"] == field
+
+
+async def test_a_bound_keys_ids_live_in_its_own_namespace() -> None:
+    """So its usage never joins another producer's request, nor takes another producer's event id."""
+    app = build_app()
+    created = await create_key(app, scope="producer", tags=["team:search"])
+    before = len(PUBLISHER.sent)
+    victim = {"kind": "request", "request_id": "req-victim", "headers": {"x-anyapi-team": "victim"}}
+    assert (await call("POST", "/v1/events", "prod-key", victim, app)).status_code == 202
+    usage = {
+        "kind": "usage",
+        "request_id": "req-victim",
+        "event_id": "evt-victim",
+        "model": "openai/gpt-4o",
+        "usage": {"prompt_tokens": 1000000},
+        "headers": {"x-anyapi-team": "search"},
+    }
+    answer = await call("POST", "/v1/events", created["key"], usage, app)
+    assert answer.status_code == 202 and answer.json()["event_ids"] == [f"{created['key_id']}/evt-victim"]
+    published = [orjson.loads(value) for _, _, value in PUBLISHER.sent[before:] if value]
+    assert [p["request_id"] for p in published] == ["req-victim", f"{created['key_id']}/req-victim"]
 
 
 async def test_tag_patterns_are_kept_as_the_ledger_writes_tags() -> None:

@@ -53,11 +53,12 @@ def test_a_cli_key_is_stored_bound_and_revocable(ledger: Ledger) -> None:
     assert ledger.http.post("/v1/events", json=event(1, f"team:{run}"), headers=headers).status_code == 202
     refused = ledger.http.post("/v1/events", json=event(2, "team:victim"), headers=headers)
     assert refused.status_code == 403 and refused.json()["error"]["details"]["field"] == "tags"
+    # A bound key's ids live in its own namespace: `<key_id>/<id>`.
     rows = ledger.wait_for(
-        f"SELECT request_id, team, cost_usd FROM spend_records WHERE startsWith(request_id, '{run}-')",
+        f"SELECT request_id, team, cost_usd FROM spend_records WHERE startsWith(request_id, '{key_id}/')",
         lambda rows: len(rows) >= 1,
     )
-    assert rows == [[f"{run}-1", run, "0.004500000000"]]
+    assert rows == [[f"{key_id}/{run}-1", run, "0.004500000000"]]
 
     listing = keys_cli(ledger, "list")
     assert key_id in listing and key not in listing
