@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     # Processors
     worker_web_port: int = Field(default=6066, ge=0, le=65535)
     worker_nice: int = Field(
-        default=5,
+        default=0,
         ge=0,
         le=19,
         description="the worker's niceness: where it shares cores with an API, the API's /v1/check goes first",
