@@ -117,6 +117,12 @@ class Metrics:
             registry=self.registry,
         )
         self.sql_seconds = Histogram("spendledger_sql_seconds", "SQL query time", registry=self.registry)
+        self.check_seconds = Histogram(
+            "spendledger_check_seconds",
+            "/v1/check, from its request reaching the API to its answer sent",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
 
 
 @dataclass
@@ -185,7 +191,7 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
 
-    app.add_middleware(Door, limit=settings.max_body_bytes)
+    app.add_middleware(Door, limit=settings.max_body_bytes, check_seconds=metrics.check_seconds)
 
     def authenticate(request: Request) -> ApiKey:
         header = request.headers.get("authorization", "")
@@ -464,11 +470,22 @@ class Door:
     """Before a body is read or parsed: a POST without a key gets 401, one declaring a body over the
     limit 413 (FastAPI parses a route's JSON body before its key dependency runs)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, check_seconds: Histogram) -> None:
         self.app = app
         self.limit = limit
+        self.check_seconds = check_seconds
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/check":
+            started = time.perf_counter()
+            try:
+                await self._door(scope, receive, send)
+            finally:
+                self.check_seconds.observe(time.perf_counter() - started)
+            return
+        await self._door(scope, receive, send)
+
+    async def _door(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
             headers = dict(scope["headers"])
             declared = headers.get(b"content-length", b"")

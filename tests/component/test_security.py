@@ -265,3 +265,17 @@ async def test_metrics_need_a_reading_key_from_outside() -> None:
     assert await metrics("10.1.2.3", None) == 401
     assert await metrics("10.1.2.3", "prod-key") == 403
     assert await metrics("10.1.2.3", "analyst-key") == 200
+
+
+async def test_check_latency_is_measured_where_the_api_sees_it() -> None:
+    app = build_app()
+
+    async def count() -> float:
+        text = (await call("GET", "/metrics", None, None, app)).text
+        line = next(line for line in text.splitlines() if line.startswith("spendledger_check_seconds_count"))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = await count()
+    assert (await call("POST", "/v1/check", "prod-key", {"tags": ["team:a"]}, app)).status_code == 200
+    assert (await call("POST", "/v1/check", None, {"tags": ["team:a"]}, app)).status_code == 401
+    assert await count() == before + 2
