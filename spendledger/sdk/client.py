@@ -9,7 +9,8 @@ background thread sends batches. What happens to an event:
   for up to `retry_for_s`. The ledger counts a retried event once.
 - **rejected**: a 4xx other than those. A rejected batch is split in halves
   until the bad event is alone, so one malformed event does not take its
-  neighbours down; 413 splits the same way.
+  neighbours down; 413 splits the same way, and so does a 403 that names one
+  event (a bound key's event claiming outside its binding).
 - **dropped**: the queue was full (the ledger is down or too slow for longer
   than the queue lasts), retries ran out, or the client was closed with events
   still unsent. Counted in `stats`, logged as a warning at most every 30 s.
@@ -298,7 +299,7 @@ class SpendClient:
                     self._finish("sent", len(batch))
                     self._show_warnings(response)
                     return
-                if status in (400, 413, 422) and len(batch) > 1:
+                if (status in (400, 413, 422) or _refuses_one_event(response)) and len(batch) > 1:
                     half = len(batch) // 2
                     self._deliver(batch[:half])
                     self._deliver(batch[half:])
@@ -406,3 +407,14 @@ class MemoryClient:
 
     def record(self, *, model: str | None, usage: Mapping[str, Any] | None, **details: Any) -> bool:
         return self.emit(completed_event(model=model, usage=usage, **details))
+
+
+def _refuses_one_event(response: httpx.Response) -> bool:
+    """A 403 naming one event of the batch (`details.index`), not the key itself."""
+    if response.status_code != 403:
+        return False
+    try:
+        details = response.json().get("error", {}).get("details")
+    except ValueError:
+        return False
+    return isinstance(details, dict) and isinstance(details.get("index"), int)

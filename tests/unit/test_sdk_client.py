@@ -91,6 +91,31 @@ def test_a_rejected_batch_is_split_until_the_bad_event_is_alone():
     assert [len(b) for b in ingest.batches] == [8, 4, 4, 2, 1, 1, 2]
 
 
+def test_a_403_naming_one_event_splits_but_a_403_for_the_key_does_not():
+    def bound(events: list[dict]) -> httpx.Response:
+        for index, e in enumerate(events):
+            if e["request_id"] == "foreign":
+                details = {"index": index, "field": "tags", "event_id": e["event_id"]}
+                return httpx.Response(403, json={"error": {"code": "forbidden", "details": details}})
+        return httpx.Response(202, json={"accepted": len(events)})
+
+    ingest = Ingest(*[bound] * 20)
+    spend = client(ingest, batch_size=4)
+    for n in range(4):
+        spend.emit({**event(n), "request_id": "foreign"} if n == 1 else event(n))
+    assert spend.flush(10)
+    assert spend.stats.sent == 3 and spend.stats.rejected == 1
+    spend.close()
+
+    scope = Ingest(403)  # the key's scope: every event of the batch is refused alike
+    other = client(scope, batch_size=4)
+    for n in range(4):
+        other.emit(event(n))
+    assert other.flush(10)
+    other.close()
+    assert len(scope.batches) == 1 and other.stats.rejected == 4
+
+
 def test_when_the_ledger_stays_down_events_are_dropped_counted_and_logged_never_raised(caplog):
     ingest = Ingest(*[503] * 1000)
     spend = client(ingest, retry_for_s=0.3)
