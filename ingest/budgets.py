@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Protocol
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.errors import BudgetsUnavailable, Conflict, InvalidBudget, NotFound
+from ingest.errors import BudgetsUnavailable, Conflict, Forbidden, InvalidBudget, NotFound
 from ingest.exact import ExactJSONResponse
 from ingest.publisher import EventPublisher
 from ledger.budgets import Duration, Window, calendar_window, rule_of
@@ -358,8 +358,9 @@ def create_router(
         )
 
     @router.post("/v1/check", responses={503: {}})
-    async def check(body: CheckRequest, _: Caller) -> dict[str, Any]:
-        """May a call with this attribution go ahead? Answered from memory, like an embedded BudgetGuard."""
+    async def check(body: CheckRequest, key: Caller) -> dict[str, Any]:
+        """May a call with this attribution go ahead? Answered from memory, like an embedded BudgetGuard.
+        A bound producer key asks only about what it may claim (403 otherwise, as its events would get)."""
         if guard.staleness_s is None:
             raise BudgetsUnavailable(
                 "block state is still being read from Kafka; retry shortly", retry_after_s=1
@@ -370,6 +371,13 @@ def create_router(
             users=[body.user],
             policy=services.policy,
         )
+        binding = getattr(key, "binding", None)
+        if binding is not None and binding.bound:
+            problem = binding.violation(attribution)
+            if problem is not None:
+                raise Forbidden(
+                    f"{problem[1]}; a bound key checks only what it may claim", {"field": problem[0]}
+                )
         return guard.check(attribution.tags).to_dict()
 
     return router

@@ -169,6 +169,17 @@ async def test_a_bound_keys_ids_live_in_its_own_namespace() -> None:
     assert [p["request_id"] for p in published] == ["req-victim", f"{created['key_id']}/req-victim"]
 
 
+async def test_a_bound_key_checks_only_what_it_may_claim() -> None:
+    app = build_app()
+    key = (await create_key(app, scope="producer", tags=["team:search"]))["key"]
+    own = await call("POST", "/v1/check", key, {"tags": ["team:search"]}, app)
+    assert own.status_code == 200 and own.json()["allowed"] is True
+    foreign = await call("POST", "/v1/check", key, {"tags": ["team:victim"]}, app)
+    assert foreign.status_code == 403 and foreign.json()["error"]["details"]["field"] == "tags"
+    # An unbound key checks anything (a gateway serving many teams).
+    assert (await call("POST", "/v1/check", "prod-key", {"tags": ["team:victim"]}, app)).status_code == 200
+
+
 async def test_tag_patterns_are_kept_as_the_ledger_writes_tags() -> None:
     app = build_app()
     created = await create_key(app, scope="producer", tags=["env:prod", "department:*"])
