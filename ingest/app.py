@@ -284,7 +284,7 @@ def create_app(services: Services) -> FastAPI:
             )
         wait_s = rate_limiter.admit(key)
         if wait_s > 0:
-            limit = key.events_per_s or settings.key_events_per_s
+            limit = rate_limiter.limit_of(key)
             raise RateLimited(
                 f"this key may send {limit:g} events per second; "
                 "nothing was acknowledged, retry later with the same event ids",
@@ -395,8 +395,7 @@ def create_app(services: Services) -> FastAPI:
         """Create a key. The answer is the only time the key is shown; only its hash is stored."""
         if body.scope not in SCOPES:
             raise InvalidKeyRequest(f"scope must be one of {list(SCOPES)}", {"field": "scope"})
-        binding = Binding.of(body.apps, body.tenants, body.tags)
-        if binding.bound and body.scope != "producer":
+        if (body.apps or body.tenants or body.tags) and body.scope != "producer":
             raise InvalidKeyRequest(
                 "only producer keys can be bound to apps, tenants or tags", {"field": "scope"}
             )

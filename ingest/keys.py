@@ -130,7 +130,7 @@ class KeyRing:
         self._env: dict[str, ApiKey] = {}
         for scope, keys in environment.items():
             for n, key in enumerate(keys):
-                self._env[key_hash(key)] = ApiKey(f"env:{scope}:{n}", scope, from_environment=True)
+                self._env[key_hash(key)] = ApiKey(f"env:{scope}:{n}", scope)
         self._store = store
         self._stored: dict[str, StoredKey] = {}
         self._lock = threading.Lock()
@@ -243,7 +243,8 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key_id -> (tokens, at)
         self._lock = threading.Lock()
 
-    def _rate(self, key: ApiKey) -> float:
+    def limit_of(self, key: ApiKey) -> float:
+        """The key's events per second (0: no limit)."""
         return key.events_per_s or self.rate
 
     def _refilled(self, key: ApiKey, rate: float, now: float) -> float:
@@ -253,7 +254,7 @@ class RateLimiter:
 
     def admit(self, key: ApiKey, now: float | None = None) -> float:
         """0.0 when the key may send now, else the seconds until it may."""
-        rate = self._rate(key)
+        rate = self.limit_of(key)
         if rate <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
@@ -263,7 +264,7 @@ class RateLimiter:
         return 0.0 if tokens >= 1 else (1 - tokens) / rate
 
     def charge(self, key: ApiKey, n: int, now: float | None = None) -> None:
-        rate = self._rate(key)
+        rate = self.limit_of(key)
         if rate <= 0:
             return
         now = time.monotonic() if now is None else now

@@ -89,7 +89,6 @@ class ApiKey:
     name: str = ""
     binding: Binding = field(default_factory=Binding)
     events_per_s: float = 0.0  # 0: the service's default limit
-    from_environment: bool = False
 
 
 def valid_tag_pattern(pattern: str) -> bool:
