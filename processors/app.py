@@ -351,6 +351,11 @@ def create_app(settings: Settings) -> faust.App:
     async def healthz(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
 
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        ready, body = watch.readiness()
+        return web.json(body, status=200 if ready else 503)
+
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
         # aiohttp refuses a charset inside `content_type`: the full header goes in as a header.
@@ -373,17 +378,31 @@ class StallWatch:
         self.topics = set(topics)
         self.timeout_s = timeout_s
         self.taken_at = time.monotonic()
+        # Why the worker is not making progress, for /readyz: set once messages have waited for half
+        # the timeout with none taken in (the worker exits at the full timeout).
+        self.stuck_reason: str | None = None
         app.timer(max(1.0, timeout_s / 6), name="stall-watch")(self.check)
 
     def took_in(self) -> None:
         self.taken_at = time.monotonic()
+        self.stuck_reason = None
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """The worker's /readyz: ready when its tables are recovered, no rebalance is under way and
+        its streams are not stalled."""
+        app: Any = self.app
+        if self.stuck_reason is not None:
+            return False, {"status": "not_ready", "stuck": self.stuck_reason}
+        if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
+            return False, {"status": "recovering"}
+        return True, {"status": "ready"}
 
     async def check(self) -> None:
         app: Any = self.app
         if app.rebalancing or app.in_recovery or not app.tables.recovery.completed.is_set():
             self.took_in()  # the clock starts when the streams may run
             return
-        if time.monotonic() - self.taken_at < self.timeout_s:
+        if time.monotonic() - self.taken_at < self.timeout_s / 2:
             return
         consumer = app.consumer
         streams = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics]
@@ -397,6 +416,9 @@ class StallWatch:
             self.took_in()
             return
         idle_s = round(time.monotonic() - self.taken_at)
+        if idle_s < self.timeout_s:
+            self.stuck_reason = f"stalled: {waiting} messages wait, none taken in for {idle_s} s"
+            return
         log.error(
             "worker stalled: %s wait, none taken in for %d s; exiting for a fresh worker", waiting, idle_s
         )

@@ -67,6 +67,10 @@ def test_two_workers_share_the_partitions_and_land_every_event_once(two_workers:
     # Both workers did part of the work.
     counted = {name: worker_events_counted(two_workers, name) for name in two_workers.system.worker_ports}
     assert set(counted) == {"worker", "worker-2"} and all(n > 0 for n in counted.values()), counted
+    # Each worker's /readyz: recovered, no rebalance under way, nothing stalled.
+    for name, port in two_workers.system.worker_ports.items():
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready"}), (name, ready.text)
 
     # The budget agent's own spend (its latest signal, as a gateway's guard holds it) equals
     # ClickHouse's, with the tag's spend counted by whichever worker owns its partition.
