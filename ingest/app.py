@@ -31,6 +31,7 @@ from ingest.errors import (
     Draining,
     Forbidden,
     InvalidEvent,
+    InvalidJson,
     InvalidKeyRequest,
     NotFound,
     PayloadTooLarge,
@@ -223,8 +224,13 @@ def create_app(services: Services) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            # A body that is not JSON at all: 400, as /v1/events answers it.
+            metrics.requests_rejected.labels(InvalidJson.code).inc()
+            return JSONResponse(error_body(InvalidJson.code, "the body is not valid JSON"), 400)
         metrics.requests_rejected.labels(InvalidEvent.code).inc()
-        details = [error_detail(e) for e in exc.errors()]
+        details = [error_detail(e) for e in errors]
         return JSONResponse(error_body("invalid_request", "the request breaks the schema", details), 422)
 
     @app.exception_handler(StarletteHTTPException)

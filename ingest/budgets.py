@@ -2,12 +2,18 @@
 
 Definitions are published to the compacted `spend.budgets` topic (a tombstone
 deletes); the API reads that topic back into a view, so every API instance
-knows every budget. `spend` is summed from `spend_records` over the budget's
-current window; `blocked` comes from `spend.budget-blocks`, as a gateway sees it.
+knows every budget. `spend`, `blocked` and the thresholds fired come from one
+source, the budget agent's latest signal on `spend.budget-blocks` (what a
+gateway's guard enforces); `ledger_spend` is the same window summed from
+`spend_records`, for reconciliation. A write waits (briefly) for the agent to
+apply it, so its answer already shows the new budget's state.
 Money in these responses is a JSON number written with every digit (never a float).
 """
 
 import asyncio
+import hashlib
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -20,16 +26,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.errors import BudgetsUnavailable, Conflict, Forbidden, InvalidBudget, NotFound
 from ingest.exact import ExactJSONResponse
 from ingest.publisher import EventPublisher
-from ledger.budgets import Duration, Window, calendar_window, rule_of
+from ledger.budgets import (
+    Duration,
+    Window,
+    calendar_window,
+    describe_window,
+    parse_duration,
+    project,
+    rule_of,
+)
 from ledger.errors import BudgetError
+from ledger.pricing import normalize_provider, split_model_ref
 from ledger.tags import AttributionPolicy, normalize
-from schemas.budgets import BudgetDefinition, WindowMode
+from schemas.budgets import BlockSignal, BudgetDefinition, WindowMode
 from spendledger.guard import BudgetGuard, CompactedView
 
 CREDITS_PER_USD = Decimal(100)
 LIMIT_DURATIONS = {"daily": "1d", "weekly": "7d", "monthly": "1mo"}
 Thresholds = Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(max_length=10)]
 Money = Annotated[Decimal, Field(ge=0, max_digits=26, decimal_places=12)]
+# Credits are a hundredth of a dollar: 10 places of credits are the 12 of USD the ledger stores.
+Credits = Annotated[Decimal, Field(ge=0, max_digits=26, decimal_places=10)]
+Destinations = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]], Field(max_length=10)]
+_HASHED_USER = re.compile(r"^uh_[0-9a-f]{32}$")
 
 
 class SpendReader(Protocol):
@@ -48,6 +67,10 @@ class BudgetServices:
     tz: tzinfo
     policy: AttributionPolicy
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # How long a write waits for the budget agent to apply it before answering with the ledger's figure.
+    answer_wait_s: float = 3.0
+    # Alert destination names configured in the environment (a budget may name only these).
+    alert_destinations: frozenset[str] = frozenset()
 
 
 class _BudgetFields(BaseModel):
@@ -58,11 +81,20 @@ class _BudgetFields(BaseModel):
     soft_budget: Money | None = None
     budget_duration: str | None = Field(default=None, max_length=16)
     alert_thresholds: Thresholds | None = None
+    alert_destinations: Destinations | None = None
 
 
 class TagNew(_BudgetFields):
     window: WindowMode = "calendar"
     description: str | None = Field(default=None, max_length=1024)
+    # LiteLLM's: the models a tag may be routed to. Not a budget: refused when given (see tag_new).
+    models: list[str] | None = Field(default=None, max_length=1000)
+
+
+class TagInfoRequest(BaseModel):
+    """LiteLLM's `POST /tag/info` body."""
+
+    names: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=100)
 
 
 class TagUpdate(_BudgetFields):
@@ -76,7 +108,7 @@ class TagDelete(BaseModel):
 class AppLimit(BaseModel):
     app_id: str = Field(min_length=1, max_length=128)
     limit_type: Literal["daily", "weekly", "monthly"]
-    limit_amount: Money = Field(description="credits; 100 credits = $1")
+    limit_amount: Credits = Field(description="credits; 100 credits = $1 (at most 10 decimal places)")
     alert_thresholds: Thresholds = Field(default_factory=lambda: [50, 80, 95])
 
 
@@ -90,7 +122,23 @@ class CheckRequest(BaseModel):
 
 
 def canonical_tag(name: str, policy: AttributionPolicy) -> str:
-    """A budget name as the ledger writes the tag (`env:prod` -> `env:production`, `department:x` -> `team:x`)."""
+    """A budget name as the ledger writes the tag (`env:prod` -> `env:production`, `department:x` -> `team:x`).
+
+    `model:openai/gpt-4o` is `model:gpt-4o` and `provider:OpenAI` is `provider:openai`, as the ledger's
+    `model` and `provider` columns hold them. With USER_ID_HMAC_KEY set, `user:<id>` is hashed as the
+    ledger hashes user ids, and a name already hashed (`user:uh_…`, as reports show it) stays as it is."""
+    key, sep, value = name.strip().partition(":")
+    if sep and key.strip().lower() == "model" and value.strip():
+        _provider, model = split_model_ref(value, None)
+        name = f"model:{model}"
+    elif sep and key.strip().lower() == "provider" and value.strip():
+        name = f"provider:{normalize_provider(value)}"
+    elif sep and key.strip().lower() == "user" and _HASHED_USER.match(value.strip()):
+        if policy.user_id_hmac_key is None:
+            raise InvalidBudget(
+                f"{name!r} is a hashed user id, but USER_ID_HMAC_KEY is not set: the ledger stores user ids as sent"
+            )
+        return f"user:{value.strip()}"
     attribution = normalize(metadata=[{"tags": [name]}], policy=policy)
     if attribution.invalid:
         reason = attribution.invalid[0].split("|")[0]
@@ -113,6 +161,9 @@ def build_definition(
     previous: BudgetDefinition | None = None,
     source: Literal["tag", "app_limit"] = "tag",
     description: str | None = None,
+    destinations: list[str] | None = None,
+    known_destinations: frozenset[str] = frozenset(),
+    user_key_id: str | None = None,
 ) -> BudgetDefinition:
     if not duration:
         raise InvalidBudget(
@@ -120,6 +171,14 @@ def build_definition(
         )
     if max_budget is not None and soft_budget is not None and soft_budget > max_budget:
         raise InvalidBudget("soft_budget must not be above max_budget")
+    if destinations is None:
+        destinations = previous.alert_destinations if previous else []
+    unknown = sorted(set(destinations) - set(known_destinations))
+    if unknown:
+        raise InvalidBudget(
+            f"unknown alert destinations {unknown}: configure them in SPENDLEDGER_ALERT_DESTINATIONS first",
+            {"field": "alert_destinations", "unknown": unknown},
+        )
     definition = BudgetDefinition(
         tag=tag,
         max_budget_usd=max_budget,
@@ -131,6 +190,8 @@ def build_definition(
         description=description if description is not None else previous.description if previous else None,
         created_at=previous.created_at if previous else now,
         updated_at=now,
+        alert_destinations=sorted(set(destinations)),
+        user_key_id=user_key_id if tag.startswith("user:") else None,
     )
     try:
         rule_of(definition)
@@ -173,50 +234,108 @@ def create_router(
         registry.put(tag, definition)
 
     def current_window(definition: BudgetDefinition, now: datetime) -> Window:
-        now_ms = int(now.timestamp() * 1000)
+        """The budget's window now, from the wall clock (never from event times)."""
+        return rule_of(definition).window_at(int(now.timestamp() * 1000), services.tz)
+
+    def key_id() -> str | None:
+        """A fingerprint of the HMAC key user ids are hashed with (never the key)."""
+        key = services.policy.user_id_hmac_key
+        return hashlib.sha256(b"spendledger-user-key:" + key).hexdigest()[:12] if key else None
+
+    def agent_view(definition: BudgetDefinition, window: Window) -> BlockSignal | None:
+        """The budget agent's latest signal, when it is about this budget in this window."""
         signal = guard.view.get(definition.tag)
-        if definition.window == "calendar" and signal is not None:
-            start, end = (
-                int(signal.window_start.timestamp() * 1000),
-                int(signal.window_end.timestamp() * 1000),
+        if signal is None or signal.change == "deleted" or signal.max_budget_usd != definition.max_budget_usd:
+            return None
+        start, end = _ms(signal.window_start), _ms(signal.window_end)
+        if definition.window == "sliding":
+            # The window moves each minute; the agent's is current if it ended at most a minute ago.
+            return (
+                signal
+                if end - start == window.end_ms - window.start_ms and end >= window.end_ms - 60_000
+                else None
             )
-            rule_window = rule_of(definition).window_at(now_ms, services.tz)
-            if end > now_ms and end - start == rule_window.end_ms - rule_window.start_ms:
-                return Window(start, end)  # the budget agent's window (it may run ahead on event time)
-        return rule_of(definition).window_at(now_ms, services.tz)
+        return signal if (start, end) == (window.start_ms, window.end_ms) else None
+
+    async def applied(definition: BudgetDefinition) -> None:
+        """Wait (at most `answer_wait_s`) until the budget agent has applied this definition."""
+        deadline = time.monotonic() + services.answer_wait_s
+        written = _ms(definition.updated_at)
+        while time.monotonic() < deadline:
+            signal = agent_view(definition, current_window(definition, services.clock()))
+            if signal is not None and _ms(signal.updated_at) >= written - 1000:
+                return
+            await asyncio.sleep(0.05)
 
     async def info(definition: BudgetDefinition) -> dict[str, Any]:
         now = services.clock()
         window = current_window(definition, now)
         start, end = _dt(window.start_ms), _dt(window.end_ms)
-        spend = await asyncio.to_thread(services.spend.spend, definition.tag, start, end)
-        signal = guard.view.get(definition.tag)
-        decision = guard.check([definition.tag])
-        return {
+        ledger_spend = await asyncio.to_thread(services.spend.spend, definition.tag, start, end)
+        signal = agent_view(definition, window)
+        if signal is not None:
+            spend, blocked, source = signal.spend_usd, signal.blocked, "budget_agent"
+            blocked_until = (signal.block_ends_at or signal.window_end) if blocked else None
+            fired, soft_fired = signal.thresholds_fired, signal.soft_budget_fired
+        else:
+            # The agent has not spoken in this window yet: the ledger's figure, judged the agent's way.
+            spend, source = ledger_spend, "ledger"
+            blocked = definition.max_budget_usd is not None and spend >= definition.max_budget_usd
+            blocked_until = end if blocked else None
+            fired, soft_fired = [], False
+        duration = parse_duration(definition.budget_duration)
+        projection = (
+            project(spend, definition.max_budget_usd, window, int(now.timestamp() * 1000))
+            if definition.window == "calendar"
+            else None
+        )
+        answer: dict[str, Any] = {
             "name": definition.tag,
             "max_budget": definition.max_budget_usd,
             "soft_budget": definition.soft_budget_usd,
             "budget_duration": definition.budget_duration,
             "window": definition.window,
+            "window_rule": describe_window(duration, definition.window, services.tz),
             "alert_thresholds": definition.alert_thresholds,
+            "alert_destinations": definition.alert_destinations,
             "spend": spend,
+            "spend_source": source,
+            "ledger_spend": ledger_spend,
             "window_start": start,
             "budget_reset_at": end,
-            "blocked": not decision.allowed,
-            "blocked_until": (signal.block_ends_at or signal.window_end)
-            if not decision.allowed and signal
+            "blocked": blocked,
+            "blocked_until": blocked_until,
+            "thresholds_fired": fired,
+            "soft_budget_alerted": soft_fired,
+            "projected_spend": projection.spend if projection else None,
+            "projected_exhausted_at": _dt(projection.exhausted_at_ms)
+            if projection and projection.exhausted_at_ms is not None
             else None,
-            "thresholds_fired": signal.thresholds_fired if signal else [],
+            "evaluated_at": signal.updated_at if signal is not None else None,
             "source": definition.source,
             "description": definition.description,
             "created_at": definition.created_at,
             "updated_at": definition.updated_at,
         }
+        if definition.user_key_id is not None and definition.user_key_id != key_id():
+            answer["warning"] = (
+                "this user budget's id was hashed with another USER_ID_HMAC_KEY: it matches no new spend; "
+                "delete it and create it again with the user's id"
+            )
+        return answer
 
     @router.post("/tag/new", response_class=ExactJSONResponse, responses={409: {}, 422: {}})
     async def tag_new(body: TagNew, _: Admin) -> ExactJSONResponse:
-        """Create a tag budget (LiteLLM-compatible). `max_budget` USD; `budget_duration` `Ns|Nm|Nh|Nd|Nmo`."""
+        """Create a tag budget (LiteLLM-compatible). `max_budget` USD; `budget_duration` `Ns|Nm|Nh|Nd|Nmo`
+        (`30d` is the calendar month, `24h` the day). The answer says which window applies and how much
+        spend it already counts."""
         require_current()
+        if body.models:
+            raise InvalidBudget(
+                "models restricts which models a tag may be routed to, which a gateway does, not the ledger; "
+                "for a budget on a model, create one named 'model:<model>'",
+                {"field": "models"},
+            )
         tag = canonical_tag(body.name, services.policy)
         if registry.get(tag) is not None:
             raise Conflict(f"tag {tag!r} already has a budget; change it with POST /tag/update", {"tag": tag})
@@ -229,20 +348,18 @@ def create_router(
             window=body.window,
             now=services.clock(),
             description=body.description,
+            destinations=body.alert_destinations,
+            known_destinations=services.alert_destinations,
+            user_key_id=key_id(),
         )
         await save(definition, tag)
+        await applied(definition)
         return ExactJSONResponse(await info(definition))
 
-    @router.get("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
-    async def tag_info(
-        _: Reader, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
-    ) -> ExactJSONResponse:
-        """Budget, spend in the current window, reset time and block state, keyed by tag name."""
-        require_current()
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
+    async def infos(names: list[str]) -> ExactJSONResponse:
         found: dict[str, Any] = {}
         missing = []
-        for name in wanted:
+        for name in names:
             tag = canonical_tag(name, services.policy)
             definition = registry.get(tag)
             if definition is None:
@@ -252,6 +369,20 @@ def create_router(
         if missing:
             raise NotFound(f"no budget for {', '.join(missing)}", {"unknown": missing})
         return ExactJSONResponse(found)
+
+    @router.get("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
+    async def tag_info(
+        _: Reader, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
+    ) -> ExactJSONResponse:
+        """Budget, spend in the current window, reset time and block state, keyed by tag name."""
+        require_current()
+        return await infos([n.strip() for n in names.split(",") if n.strip()])
+
+    @router.post("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
+    async def tag_info_post(body: TagInfoRequest, _: Reader) -> ExactJSONResponse:
+        """`/tag/info` as LiteLLM's proxy takes it: `{"names": [...]}`."""
+        require_current()
+        return await infos([n.strip() for n in body.names if n.strip()])
 
     @router.get("/tag/list", response_class=ExactJSONResponse)
     async def tag_list(_: Reader) -> ExactJSONResponse:
@@ -276,8 +407,12 @@ def create_router(
             now=services.clock(),
             previous=old,
             source=old.source,
+            destinations=body.alert_destinations if "alert_destinations" in sent else None,
+            known_destinations=services.alert_destinations,
+            user_key_id=old.user_key_id,  # the id was hashed when the budget was created
         )
         await save(definition, tag)
+        await applied(definition)
         return ExactJSONResponse(await info(definition))
 
     @router.post("/tag/delete", responses={404: {}})
@@ -293,6 +428,13 @@ def create_router(
         """Set (or replace) an app's spending limit in credits (100 = $1): a budget on the tag `app:<app_id>`."""
         require_current()
         tag = _app_tag(body.app_id, services.policy)
+        previous = registry.get(tag)
+        if previous is not None and previous.source != "app_limit":
+            raise Conflict(
+                f"{tag!r} already has a budget from /tag/new (max_budget {previous.max_budget_usd} USD per "
+                f"{previous.budget_duration}); change it with POST /tag/update, or delete it first",
+                {"tag": tag, "source": previous.source},
+            )
         definition = build_definition(
             tag,
             max_budget=body.limit_amount / CREDITS_PER_USD,
@@ -301,10 +443,12 @@ def create_router(
             thresholds=body.alert_thresholds,
             window="calendar",
             now=services.clock(),
-            previous=registry.get(tag),
+            previous=previous,
             source="app_limit",
+            known_destinations=services.alert_destinations,
         )
         await save(definition, tag)
+        await applied(definition)
         window = current_window(definition, services.clock())
         return ExactJSONResponse(
             {
@@ -392,6 +536,10 @@ def _app_tag(app_id: str, policy: AttributionPolicy) -> str:
 
 def _limit_type(duration: str) -> str | None:
     return {v: k for k, v in LIMIT_DURATIONS.items()}.get(duration)
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
 
 
 def _dt(at_ms: int) -> datetime:

@@ -3,14 +3,16 @@
 Times are epoch milliseconds; the caller passes "now". Money is Decimal USD.
 
 Windows
-    A budget's window is found from the tag's clock: the later of the wall
-    clock and the newest event time seen for the tag (so events stamped in the
-    next window start it, and a window also ends when no traffic arrives).
+    A budget's window is found from the wall clock the caller passes, never from
+    event times: an event stamped ahead of the clock (a host whose clock runs
+    fast) counts at the clock's time, so it can neither start the next window
+    early nor fall out of the current one.
     - calendar (default): `Ns`/`Nm`/`Nh` are aligned to the Unix epoch in UTC;
       `Nd` to local midnights in the budget time zone, counted in blocks of N
       days from Monday 1970-01-05 (so `1d` is a day and `7d` a Monday-started
       week); `Nmo` to the 1st of the month at local midnight, in blocks of N
-      months from January (so `3mo` is a calendar quarter).
+      months from January (so `3mo` is a calendar quarter). As in LiteLLM,
+      `30d` is the calendar month (`1mo`) and `24h` the local day (`1d`).
     - sliding: the last N of time, moving by whole minutes: at time t the
       window is [m + 1min - N, m + 1min) with m = t floored to the minute.
     A window is half-open [start, end): an event exactly at `end` is in the next.
@@ -30,9 +32,15 @@ Spend history (per tag), in three tiers that never overlap:
 
 Decisions
     - alerts: each threshold (percent of `max_budget`, plus 100) fires once per
-      window; a budget created mid-window fires the thresholds already passed
-      once; an update re-arms only the thresholds not already passed under the
-      new budget; `soft_budget` alerts once per window and never blocks.
+      calendar window; a budget created mid-window fires the thresholds already
+      passed once; an update re-arms only the thresholds not already passed
+      under the new budget; `soft_budget` alerts once per window and never
+      blocks. A sliding window moves every minute, so a threshold fires when
+      spend rises through it and re-arms only once spend has fallen below it.
+    - projection (calendar windows with a max): spend at the window's rate so
+      far, carried to the window's end. Once a tenth of the window has passed,
+      a projection above `max_budget` alerts ("projected") once per window,
+      while the budget is not yet blocked.
     - block: spend >= max_budget; it lifts when the window ends, when the budget
       is raised above the spend, or when it is deleted. For a sliding window the
       block's end is when enough spend has slid out to fall below the budget.
@@ -45,7 +53,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from functools import lru_cache
 from typing import Literal
 
@@ -62,7 +70,7 @@ Unit = Literal["s", "m", "h", "d", "mo"]
 WindowMode = Literal["calendar", "sliding"]
 
 _UNIT_MS: dict[str, int] = {"s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
-_DURATION_RE = re.compile(r"^\s*(\d{1,6})\s*(mo|s|m|h|d)\s*$")
+_DURATION_RE = re.compile(r"^\s*([0-9]{1,6})\s*(mo|s|m|h|d)\s*$", re.ASCII | re.IGNORECASE)
 MAX_SPAN_MS = 366 * DAY_MS
 MAX_MONTHS = 12
 MAX_SLIDING_MS = 7 * DAY_MS
@@ -93,6 +101,9 @@ def parse_duration(text: str) -> Duration:
             f"budget_duration {text!r} is not N followed by s, m, h, d or mo (e.g. '30d', '1mo')"
         )
     count, unit = int(match.group(1)), match.group(2)
+    if unit == "M":
+        raise BudgetError(f"budget_duration {text!r} is ambiguous: write 'm' for minutes or 'mo' for months")
+    unit = unit.lower()
     if count < 1:
         raise BudgetError("budget_duration must be at least 1")
     if unit == "mo":
@@ -142,6 +153,34 @@ def calendar_window(duration: Duration, at_ms: int, tz: tzinfo) -> Window:
     return Window(_local_midnight_ms(first, tz), _local_midnight_ms(last, tz))
 
 
+def calendar_duration(duration: Duration) -> Duration:
+    """The calendar period a duration means, as LiteLLM resets it: `30d` is the month (from the 1st),
+    `24h` the local day; any other duration is itself."""
+    if duration == Duration(30, "d"):
+        return Duration(1, "mo")
+    if duration == Duration(24, "h"):
+        return Duration(1, "d")
+    return duration
+
+
+def describe_window(duration: Duration, mode: WindowMode, tz: tzinfo) -> str:
+    """In words: which window a budget of this duration uses, and when it resets."""
+    zone = str(tz)
+    if mode == "sliding":
+        return f"sliding: the last {duration}, moving by whole minutes"
+    period = calendar_duration(duration)
+    if period.unit == "mo":
+        months = "month" if period.count == 1 else f"{period.count} months (from January)"
+        return f"calendar: each {months}, from the 1st at 00:00 {zone}"
+    if period.unit == "d":
+        if period.count == 1:
+            return f"calendar: each day, from 00:00 {zone}"
+        if period.count == 7:
+            return f"calendar: each week, from Monday 00:00 {zone}"
+        return f"calendar: blocks of {period.count} days from 00:00 {zone}, counted from Monday 1970-01-05"
+    return f"calendar: blocks of {period}, aligned to the Unix epoch (UTC)"
+
+
 def sliding_window(duration: Duration, at_ms: int) -> Window:
     length = duration.ms
     if length is None:
@@ -175,7 +214,7 @@ class BudgetRule:
     def window_at(self, at_ms: int, tz: tzinfo) -> Window:
         if self.mode == "sliding":
             return sliding_window(self.duration, at_ms)
-        return calendar_window(self.duration, at_ms, tz)
+        return calendar_window(calendar_duration(self.duration), at_ms, tz)
 
     def alert_points(self) -> tuple[int, ...]:
         """Thresholds that alert: the configured ones plus 100 (the block), when there is a max."""
@@ -348,8 +387,9 @@ class SpendHistory:
         for start, amount in sorted(b for b in buckets if window.start_ms <= b[0] < window.end_ms):
             remaining -= amount
             if remaining < budget:
-                # The bucket leaves the window when the window's start passes it.
-                return start // MINUTE_MS * MINUTE_MS + duration_ms + MINUTE_MS
+                # The bucket leaves the window when the window's start passes it: at t = minute + N
+                # the window is [minute + 1min, ...).
+                return start // MINUTE_MS * MINUTE_MS + duration_ms
         return window.end_ms
 
 
@@ -366,17 +406,46 @@ class BudgetStatus:
     soft_fired: bool = False
     blocked: bool = False
     block_end_ms: int | None = None
+    projected_fired: bool = False
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A calendar window's spend carried to its end at the rate so far."""
+
+    spend: Decimal  # projected spend at the window's end
+    exhausted_at_ms: int | None  # when `max_budget` would be reached, if within the window
+    settled: bool  # a tenth of the window has passed: enough to alert on
+
+
+def project(spend: Decimal, max_budget: Decimal | None, window: Window, now_ms: int) -> Projection | None:
+    """Spend at the end of `window` if it goes on at the rate since the window's start (None before
+    the window has run a second)."""
+    elapsed = min(now_ms, window.end_ms) - window.start_ms
+    length = window.end_ms - window.start_ms
+    if elapsed < SECOND_MS or length <= 0:
+        return None
+    projected = (spend * length / elapsed).quantize(Decimal("0.000000000001"))
+    exhausted = None
+    if max_budget is not None and spend > 0:
+        if spend >= max_budget:
+            exhausted = now_ms
+        else:
+            at = window.start_ms + int((max_budget * elapsed / spend).to_integral_value(ROUND_CEILING))
+            exhausted = at if at < window.end_ms else None
+    return Projection(projected, exhausted, elapsed * 10 >= length)
 
 
 @dataclass(frozen=True)
 class Alert:
     tag: str
-    kind: Literal["threshold", "soft_budget"]
+    kind: Literal["threshold", "soft_budget", "projected"]
     threshold_pct: int | None
     spend: Decimal
     max_budget: Decimal | None
     soft_budget: Decimal | None
     window: Window
+    projection: Projection | None = None
 
 
 @dataclass(frozen=True)
@@ -409,12 +478,16 @@ def evaluate(
     window = rule.window_at(clock_ms, history.policy.tz)
     new_window = window != previous.window
     spend = history.total(window) if new_window or rule_changed else previous.spend
-    fired = frozenset() if new_window else previous.fired
-    soft_fired = False if new_window else previous.soft_fired
-
     pct = percent(spend, rule.max_budget) if rule.max_budget is not None else ZERO
     passed = frozenset(t for t in rule.alert_points() if pct >= t)
     soft_passed = rule.soft_budget is not None and spend >= rule.soft_budget
+    if rule.mode == "sliding" and previous.window is not None:
+        # The window moves every minute: what already fired stays fired while spend stays above it.
+        fired = previous.fired & passed
+        soft_fired = previous.soft_fired and soft_passed
+    else:
+        fired = frozenset() if new_window else previous.fired
+        soft_fired = False if new_window else previous.soft_fired
     if rule_changed and not created and not new_window:
         fired = passed  # an update re-arms only what is not already passed
         soft_fired = soft_passed
@@ -425,15 +498,34 @@ def evaluate(
     if soft_passed and not soft_fired:
         alerts.append(Alert(rule.tag, "soft_budget", None, spend, rule.max_budget, rule.soft_budget, window))
     blocked = rule.max_budget is not None and spend >= rule.max_budget
+    projected_fired = False if new_window else previous.projected_fired
+    if rule.mode == "calendar" and rule.max_budget is not None and not blocked and not projected_fired:
+        projection = project(spend, rule.max_budget, window, clock_ms)
+        if projection is not None and projection.settled and projection.spend > rule.max_budget:
+            projected_fired = True
+            alerts.append(
+                Alert(rule.tag, "projected", None, spend, rule.max_budget, rule.soft_budget, window, projection)
+            )
     block_end = None
     if blocked and rule.max_budget is not None:
         block_end = window.end_ms
         if rule.mode == "sliding" and rule.duration.ms is not None:
             block_end = history.release_at(window, rule.duration.ms, rule.max_budget)
-    status = BudgetStatus(window, spend, fired | passed, soft_fired or soft_passed, blocked, block_end)
+    status = BudgetStatus(
+        window, spend, fired | passed, soft_fired or soft_passed, blocked, block_end, projected_fired
+    )
     if blocked != previous.blocked:
         change: Literal["none", "update", "blocked", "unblocked"] = "blocked" if blocked else "unblocked"
-    elif replace(status, fired=previous.fired, soft_fired=previous.soft_fired) != previous or rule_changed:
+    elif (
+        replace(
+            status,
+            fired=previous.fired,
+            soft_fired=previous.soft_fired,
+            projected_fired=previous.projected_fired,
+        )
+        != previous
+        or rule_changed
+    ):
         change = "update"
     else:
         change = "none"
@@ -454,14 +546,18 @@ class TagAccount:
     spend_moved: bool = False  # spend counted in the window since the last evaluation
 
     def clock(self, now_ms: int) -> int:
-        return max(now_ms, self.max_event_ms)
+        """The time the budget's window is found from: the wall clock alone (events never move it)."""
+        return now_ms
 
-    def add_spend(self, entries: list[tuple[str, int, Decimal]]) -> int:
-        """Count (event_id, event time, cost) entries; returns how many were new."""
+    def add_spend(self, entries: list[tuple[str, int, Decimal]], now_ms: int | None = None) -> int:
+        """Count (event_id, event time, cost) entries; returns how many were new. With `now_ms`, an
+        event stamped after it counts at `now_ms`."""
         counted = 0
         window = self.status.window
         spend = self.status.spend
         for event_id, at_ms, amount in entries:
+            if now_ms is not None and at_ms > now_ms:
+                at_ms = now_ms
             if not self.history.add(event_id, at_ms, amount):
                 self.duplicates += 1
                 continue

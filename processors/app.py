@@ -52,7 +52,7 @@ from processors.budgets import (
 from processors.deadletter import dead_letter, describe
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition, TagSpend
-from schemas.events import RawEvent, time_bounds
+from schemas.events import DECODED_BY_ORJSON, RawEvent, time_bounds
 from schemas.records import AttributedRecord
 from spendledger.settings import Settings
 
@@ -288,6 +288,7 @@ def create_app(settings: Settings) -> faust.App:
             started = time.perf_counter()
             now_ms = int(time.time() * 1000)
             bounds = time_bounds(datetime.fromtimestamp(now_ms / 1000, UTC), settings.max_future_skew_s)
+            bounds[DECODED_BY_ORJSON] = True  # raw_events decodes with orjson
             records: list[Attributed] = []
             for source, data in raw_events((event.message for event in events), reject):
                 if len(records) >= settings.batch_max_events:
@@ -426,15 +427,31 @@ class StallWatch:
 
 
 def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendItem]]:
-    """Priced spend of a batch by tag; a record counts in full for each of its tags."""
+    """Priced spend of a batch by tag; a record counts in full for each of its tags, and for its model
+    and provider as `model:<model>` and `provider:<provider>` (model and provider budgets). A call
+    counts at its event time, or at the API's receive time when it was stamped later (a fast host
+    clock)."""
     out: dict[str, list[SpendItem]] = {}
     for record in records:
         if not record.cost_usd:
             continue  # unpriced (NULL) or free: nothing to count
-        entry = (record.event_id, int(record.occurred_at.timestamp() * 1000), record.cost_usd)
-        for tag in record.tags:
+        at = min(record.occurred_at, record.received_at)
+        entry = (record.event_id, int(at.timestamp() * 1000), record.cost_usd)
+        for tag in spend_keys(record):
             out.setdefault(tag, []).append(entry)
     return out
+
+
+def spend_keys(record: AttributedRecord) -> list[str]:
+    """The budget keys a record's spend counts for: its tags, its model and its provider."""
+    keys = list(record.tags)
+    for key in (
+        f"model:{record.model}" if record.model else "",
+        f"provider:{record.provider}" if record.provider else "",
+    ):
+        if key and key not in keys:
+            keys.append(key)
+    return keys
 
 
 def tag_spend_messages(
@@ -531,7 +548,9 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
 
     def publish(tag: str, result: Any, now_ms: int) -> None:
         account = store.accounts[tag]
-        signal, alerts = outcome_messages(account, result, now_ms)
+        definition = store.definitions.get(tag)
+        destinations = definition.alert_destinations if definition is not None else ()
+        signal, alerts = outcome_messages(account, result, now_ms, destinations)
         if signal is not None:
             metrics.BUDGET_SIGNALS.labels(signal.change).inc()
             outbox.put(topics.budget_blocks, tag.encode(), signal.model_dump_json().encode())
@@ -587,6 +606,7 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
             touched: dict[str, bool] = {}
             deleted: list[tuple[str, Any, Any]] = []
             last_message: dict[str, Any] = {}  # per tag, the message a failure to evaluate is reported on
+            now_ms = int(time.time() * 1000)  # windows follow this clock; an event stamped later counts now
             restored = load_state(events)
             # Any error is one message's (or one tag's) reject, never the agent's crash (DESIGN §9.7).
             for event in events:
@@ -614,13 +634,12 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
                             if isinstance(spend, TagSpend)
                             else spend
                         )
-                        counted = account.add_spend(items)
+                        counted = account.add_spend(items, now_ms)
                         metrics.BUDGET_ENTRIES.inc(counted)
                         metrics.BUDGET_DUPLICATES.inc(len(items) - counted)
                         touched.setdefault(tag, False)
                     except Exception as exc:
                         reject("budgets", message, f"cannot apply to {tag!r}'s budget: {describe(exc)}")
-            now_ms = int(time.time() * 1000)
             for tag, status, rule in deleted:
                 try:
                     signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(

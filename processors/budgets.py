@@ -170,11 +170,14 @@ def block_signal(
         change=change,
         thresholds_fired=sorted(status.fired),
         block_ends_at=to_datetime(status.block_end_ms) if status.block_end_ms is not None else None,
+        soft_budget_fired=status.soft_fired,
     )
 
 
-def budget_alert(alert: Alert, now_ms: int) -> BudgetAlert:
+def budget_alert(alert: Alert, now_ms: int, destinations: Iterable[str] = ()) -> BudgetAlert:
     ident = f"{alert.tag}|{alert.window.start_ms}|{alert.kind}|{alert.threshold_pct}"
+    projection = alert.projection
+    exhausted = projection.exhausted_at_ms if projection is not None else None
     return BudgetAlert(
         alert_id=hashlib.blake2b(ident.encode(), digest_size=12).hexdigest(),
         tag=alert.tag,
@@ -186,6 +189,9 @@ def budget_alert(alert: Alert, now_ms: int) -> BudgetAlert:
         window_start=to_datetime(alert.window.start_ms),
         window_end=to_datetime(alert.window.end_ms),
         at=to_datetime(now_ms),
+        projected_spend_usd=projection.spend if projection is not None else None,
+        exhausted_at=to_datetime(exhausted) if exhausted is not None else None,
+        destinations=list(destinations),
     )
 
 
@@ -267,6 +273,7 @@ class BudgetStore:
                 "soft": status.soft_fired,
                 "blocked": status.blocked,
                 "end": status.block_end_ms,
+                "proj": status.projected_fired,
                 "max_ms": account.max_event_ms,
                 "pending": account.pending,
             },
@@ -327,6 +334,7 @@ class BudgetStore:
                     soft_fired=value["soft"],
                     blocked=value["blocked"],
                     block_end_ms=value["end"],
+                    projected_fired=value.get("proj", False),
                 )
                 account.max_event_ms = value["max_ms"]
                 account.pending = value["pending"]
@@ -367,12 +375,13 @@ class BudgetStore:
 
 
 def outcome_messages(
-    account: TagAccount, result: Evaluation | None, now_ms: int
+    account: TagAccount, result: Evaluation | None, now_ms: int, destinations: Iterable[str] = ()
 ) -> tuple[BlockSignal | None, list[BudgetAlert]]:
-    """What to send for one evaluation: the block state when it changed, and the alerts."""
+    """What to send for one evaluation: the block state when it changed, and the alerts (each for the
+    budget's own alert destinations as well as the default ones)."""
     if result is None:
         return None, []
     signal = None
     if result.change != "none":
         signal = block_signal(account.tag, result.status, account.rule, result.change, now_ms)
-    return signal, [budget_alert(a, now_ms) for a in result.alerts]
+    return signal, [budget_alert(a, now_ms, destinations) for a in result.alerts]

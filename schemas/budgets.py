@@ -32,6 +32,12 @@ class BudgetDefinition(BaseModel):
     description: str | None = None
     created_at: datetime
     updated_at: datetime
+    # Named alert destinations (configured in the environment: their URLs are secrets) that get this
+    # budget's alerts besides the default ones.
+    alert_destinations: list[str] = Field(default_factory=list)
+    # For a `user:uh_…` budget: the fingerprint of the USER_ID_HMAC_KEY its id was made with, so a
+    # rotated key is noticed instead of the budget silently matching no one.
+    user_key_id: str | None = None
 
 
 class SpendEntry(BaseModel):
@@ -63,6 +69,7 @@ class BlockSignal(BaseModel):
     soft_budget_usd: Decimal | None = None
     thresholds_fired: list[int] = Field(default_factory=list)
     block_ends_at: datetime | None = None
+    soft_budget_fired: bool = False
 
 
 class BudgetAlert(BaseModel):
@@ -70,7 +77,7 @@ class BudgetAlert(BaseModel):
 
     alert_id: str
     tag: str
-    kind: Literal["threshold", "soft_budget"]
+    kind: Literal["threshold", "soft_budget", "projected"]
     threshold_pct: int | None
     spend_usd: Decimal
     max_budget_usd: Decimal | None
@@ -78,3 +85,8 @@ class BudgetAlert(BaseModel):
     window_start: datetime
     window_end: datetime
     at: datetime
+    # "projected": the window's spend at the current rate, and when the budget would run out.
+    projected_spend_usd: Decimal | None = None
+    exhausted_at: datetime | None = None
+    # Named destinations of this budget (besides the default ones); see docs/budgets.md.
+    destinations: list[str] = Field(default_factory=list)

@@ -44,6 +44,11 @@ def time_bounds(now: datetime, max_future_skew_s: float) -> dict[str, Any]:
     return {"latest_event_time": now + timedelta(seconds=max_future_skew_s)}
 
 
+# In a validation context: the data was decoded by orjson, which reads an integer outside 64 bits as a
+# float, so no integer walk is needed (the worker's check of each event it reads).
+DECODED_BY_ORJSON = "decoded_by_orjson"
+
+
 class RawEvent(BaseModel):
     """One producer event: a request, its usage, or both at once (`completed`)."""
 
@@ -105,7 +110,9 @@ class RawEvent(BaseModel):
 
     @field_validator("metadata", "body", "usage", "user")
     @classmethod
-    def _integers_fit_64_bits(cls, value: Any) -> Any:
+    def _integers_fit_64_bits(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.context and info.context.get(DECODED_BY_ORJSON):
+            return value
         if value is not None and not _fits_64_bits(value):
             raise ValueError("integers must fit in 64 bits (from -2**63 to 2**64 - 1)")
         return value

@@ -69,7 +69,7 @@ def build_app() -> Any:
     guard = BudgetGuard({}, "spend.budget-blocks")
     guard.view.mark_current()
     budgets = BudgetServices(
-        registry, guard, ZeroSpend(), ZoneInfo("UTC"), AttributionPolicy(), clock=lambda: NOW
+        registry, guard, ZeroSpend(), ZoneInfo("UTC"), AttributionPolicy(), clock=lambda: NOW, answer_wait_s=0
     )
     config = Settings.model_validate(
         {"producer_keys": "prod-key", "analyst_keys": "analyst-key", "admin_keys": "admin-key"}

@@ -21,6 +21,7 @@ from ledger.budgets import (
     Window,
     calendar_window,
     check_window,
+    describe_window,
     evaluate,
     parse_duration,
     sliding_window,
@@ -215,7 +216,7 @@ def test_thresholds_fire_once_per_window_then_block_at_max() -> None:
         account.add_spend([(f"e{i}", NOW + i, D(cost))])
         result = account.evaluate(NOW + 1000)
         assert result is not None
-        fired += [a.threshold_pct for a in result.alerts]
+        fired += [a.threshold_pct for a in result.alerts if a.kind == "threshold"]
         if i == 4:
             assert result.change == "update" and not result.status.blocked  # 9.5 of 10
         if i == 5:
@@ -234,20 +235,28 @@ def test_block_lifts_when_the_window_ends_without_traffic() -> None:
     assert result.status.spend == 0 and result.status.fired == frozenset()
 
 
-def test_events_in_the_next_window_start_it() -> None:
+def test_an_event_stamped_ahead_of_the_clock_never_moves_the_window() -> None:
+    """Issue 19.1: a host whose clock runs fast stamps tomorrow; the window stays today's, the block
+    stays, and the call counts now."""
     account = TagAccount("team:support", history(), rule())
     account.pending = "created"
-    account.add_spend([("e1", NOW, D("10"))])
-    account.evaluate(NOW)
-    account.add_spend([("e2", ms("2026-11-23T00:00:00+00:00"), D("3"))])
-    result = account.evaluate(NOW)  # wall clock still on the 22nd; the tag's clock moved on
-    assert result is not None and result.change == "unblocked" and result.status.spend == D("3")
-    # A late event for the closed window is kept in the history but not in the current window.
-    account.add_spend([("e3", NOW + 5, D("1"))])
-    assert account.evaluate(NOW).status.spend == D("3")  # type: ignore[union-attr]
-    assert account.history.total(
-        Window(ms("2026-11-22T00:00:00+00:00"), ms("2026-11-23T00:00:00+00:00"))
-    ) == D("11")
+    account.add_spend([("e1", NOW, D("10"))], NOW)
+    assert account.evaluate(NOW).status.blocked  # type: ignore[union-attr]
+    tomorrow = ms("2026-11-23T09:00:00+00:00")
+    assert (
+        account.add_spend([("e2", tomorrow, D("3")), ("e2b", ms("2099-01-01T00:00:00+00:00"), D("1"))], NOW)
+        == 2
+    )
+    result = account.evaluate(NOW)
+    assert result is not None and result.status.blocked and result.change == "update"
+    assert result.status.window == Window(ms("2026-11-22T00:00:00+00:00"), ms("2026-11-23T00:00:00+00:00"))
+    assert result.status.spend == D("14")
+    # A late event for the closed window is kept in the history; when the day ends, the next window
+    # starts empty.
+    account.add_spend([("e3", NOW - DAY_MS, D("1"))], NOW)
+    assert account.evaluate(NOW).status.spend == D("14")  # type: ignore[union-attr]
+    nxt = account.evaluate(ms("2026-11-23T00:00:00+00:00"))
+    assert nxt is not None and nxt.change == "unblocked" and nxt.status.spend == 0
 
 
 def test_budget_created_mid_window_counts_earlier_spend_and_fires_passed_thresholds() -> None:
@@ -258,7 +267,7 @@ def test_budget_created_mid_window_counts_earlier_spend_and_fires_passed_thresho
     result = account.evaluate(NOW)
     assert result is not None
     assert result.status.spend == D("6")  # yesterday's 100 is another window
-    assert [a.threshold_pct for a in result.alerts] == [50]
+    assert [a.threshold_pct for a in result.alerts if a.kind == "threshold"] == [50]
 
 
 def test_raising_the_budget_unblocks_and_rearms_only_thresholds_not_passed() -> None:
@@ -268,7 +277,9 @@ def test_raising_the_budget_unblocks_and_rearms_only_thresholds_not_passed() -> 
     assert account.evaluate(NOW).status.blocked  # type: ignore[union-attr]
     account.set_rule(rule(max_budget=D("20")))
     result = account.evaluate(NOW)
-    assert result is not None and result.change == "unblocked" and result.alerts == []
+    # Unblocked, no threshold again; at noon, $12 of $20 is on course for $24: projected to exceed.
+    assert result is not None and result.change == "unblocked"
+    assert [a.kind for a in result.alerts] == ["projected"]
     account.add_spend([("e2", NOW, D("4"))])  # 16 of 20 = 80 %: re-armed, fires
     assert [a.threshold_pct for a in account.evaluate(NOW).alerts] == [80]  # type: ignore[union-attr]
 
@@ -312,8 +323,9 @@ def test_sliding_block_ends_when_enough_spend_slides_out() -> None:
     result = account.evaluate(NOW)
     assert result is not None and result.status.blocked and result.status.spend == D("11")
     # Dropping the first 6 brings it to 5 < 10: that happens when the window no longer holds its minute.
-    assert result.status.block_end_ms == NOW - 50 * MINUTE_MS + 3_600_000 + MINUTE_MS
-    later = account.evaluate(NOW + 11 * MINUTE_MS)
+    assert result.status.block_end_ms == NOW - 50 * MINUTE_MS + 3_600_000
+    assert account.evaluate(NOW + 10 * MINUTE_MS - 1).status.blocked  # type: ignore[union-attr]
+    later = account.evaluate(NOW + 10 * MINUTE_MS)
     assert later is not None and later.change == "unblocked" and later.status.spend == D("5")
 
 
@@ -451,3 +463,84 @@ def test_spend_below_every_threshold_is_still_an_update_of_the_signal():
     assert account.evaluate(NOW + 20).change == "none"  # nothing new
     account.add_spend([("e1", NOW, D("1"))])  # a duplicate moves nothing
     assert account.evaluate(NOW + 30).change == "none"
+
+
+def test_a_sliding_threshold_fires_once_while_spend_stays_above_it() -> None:
+    """Issue 19.3: the window moves every minute; the 50 % alert must not fire again each minute."""
+    sliding = rule(duration=Duration(10, "m"), mode="sliding", max_budget=D("0.0075"))
+    account = TagAccount("team:support", history(), sliding)
+    account.pending = "created"
+    account.add_spend([("e1", NOW, D("0.0045"))], NOW)
+    first = account.evaluate(NOW)
+    assert first is not None and [a.threshold_pct for a in first.alerts] == [50]
+    for minute in range(1, 10):
+        later = account.evaluate(NOW + minute * MINUTE_MS)
+        assert later is not None and later.alerts == [], minute
+    # The call slides out at NOW + 10 min: spend 0, the threshold re-arms, and fires on the next rise.
+    gone = account.evaluate(NOW + 10 * MINUTE_MS)
+    assert gone is not None and gone.status.spend == 0 and gone.status.fired == frozenset()
+    account.add_spend([("e2", NOW + 11 * MINUTE_MS, D("0.004"))], NOW + 11 * MINUTE_MS)
+    again = account.evaluate(NOW + 11 * MINUTE_MS)
+    assert again is not None and [a.threshold_pct for a in again.alerts] == [50]
+
+
+def test_30d_is_the_calendar_month_and_24h_the_day_as_in_litellm() -> None:
+    """Issue 19.2: `30d` resets on the 1st (not in 30-day blocks from 1970); `24h` at midnight."""
+    created = ms("2026-12-01T10:00:00+00:00")
+    monthly = rule(duration=parse_duration("30d"))
+    assert monthly.window_at(created, UTC) == Window(
+        ms("2026-12-01T00:00:00+00:00"), ms("2027-01-01T00:00:00+00:00")
+    )
+    paris = ZoneInfo("Europe/Paris")
+    assert rule(duration=parse_duration("24h")).window_at(created, paris) == Window(
+        ms("2026-11-30T23:00:00+00:00"), ms("2026-12-01T23:00:00+00:00")
+    )
+    assert (
+        rule(duration=parse_duration("24h"), mode="sliding").window_at(created, UTC).end_ms
+        - rule(duration=parse_duration("24h"), mode="sliding").window_at(created, UTC).start_ms
+        == DAY_MS
+    )
+    assert (
+        describe_window(parse_duration("30d"), "calendar", UTC)
+        == "calendar: each month, from the 1st at 00:00 UTC"
+    )
+    assert (
+        describe_window(parse_duration("7d"), "calendar", UTC) == "calendar: each week, from Monday 00:00 UTC"
+    )
+
+
+@pytest.mark.parametrize("text", ["1D", "1d", " 2H ", "1MO", "1Mo", "30S"])
+def test_durations_read_their_unit_in_any_case(text: str) -> None:
+    parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("\u0661d", "is not N followed by"), ("1M", "ambiguous"), ("\uff11d", "is not N followed by")],
+)
+def test_durations_refuse_non_ascii_digits_and_an_ambiguous_m(text: str, reason: str) -> None:
+    with pytest.raises(BudgetError, match=reason):
+        parse_duration(text)
+
+
+def test_a_projection_above_the_budget_alerts_once_per_window_after_a_tenth_of_it() -> None:
+    """Issue 19.10: $3 by 06:00 of a $10 day is on course for $12, out at 20:00."""
+    account = TagAccount("team:support", history(), rule())
+    account.pending = "created"
+    six = ms("2026-11-22T06:00:00+00:00")
+    account.add_spend([("e1", ms("2026-11-22T01:00:00+00:00"), D("3"))], six)
+    early = account.evaluate(ms("2026-11-22T02:00:00+00:00"))  # 2 h of 24: not yet a tenth
+    assert early is not None and [a.kind for a in early.alerts] == []
+    result = account.evaluate(six)
+    assert result is not None and [a.kind for a in result.alerts] == ["projected"]
+    projection = result.alerts[0].projection
+    assert projection is not None and projection.spend == D("12")
+    assert projection.exhausted_at_ms == ms("2026-11-22T20:00:00+00:00")
+    assert account.evaluate(six + 60_000).alerts == []  # type: ignore[union-attr]  # once per window
+    nxt = account.evaluate(ms("2026-11-23T06:00:00+00:00"))
+    assert nxt is not None and nxt.status.projected_fired is False and nxt.status.spend == 0
+    # Sliding windows have no end to project to.
+    sliding = TagAccount("team:s", history(), rule(duration=Duration(1, "h"), mode="sliding"))
+    sliding.pending = "created"
+    sliding.add_spend([("e1", NOW, D("9.6"))], NOW)
+    assert [a.kind for a in sliding.evaluate(NOW).alerts] == ["threshold"] * 3  # type: ignore[union-attr]

@@ -152,3 +152,29 @@ def test_the_budget_agent_reads_bundles_and_single_tag_messages_and_refuses_bad_
             read_tag_spend(b"a", bad)
     with pytest.raises(ValueError):
         read_tag_spend(None, bundle)
+
+
+def test_spend_counts_for_model_and_provider_and_at_the_receive_time_when_stamped_ahead():
+    """Issue 19.1 and 19.6: a call's spend counts for `model:` and `provider:` budgets as for its tags,
+    and a call stamped ahead of the API's clock counts when it was received."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from processors.app import tag_spend_entries
+    from schemas.records import AttributedRecord
+
+    received = datetime(2026, 12, 1, 23, 59, tzinfo=UTC)
+    ahead = datetime(2026, 12, 2, 8, 59, tzinfo=UTC)  # a host clock 9 h fast
+    record = AttributedRecord(
+        event_id="e1",
+        request_id="r1",
+        occurred_at=ahead,
+        received_at=received,
+        tags=["team:a", "model:gpt-4o"],
+        model="gpt-4o",
+        provider="openai",
+        cost_usd=Decimal("0.5"),
+    )
+    entries = tag_spend_entries([record])
+    assert sorted(entries) == ["model:gpt-4o", "provider:openai", "team:a"]
+    assert all(items == [("e1", int(received.timestamp() * 1000), Decimal("0.5"))] for items in entries.values())

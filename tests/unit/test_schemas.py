@@ -135,3 +135,19 @@ def test_a_reject_reason_names_the_field_and_rule_never_the_input():
         )
     reason = describe(refused.value)
     assert reason == "ValidationError: occurred_at: must not be before 2000-01-01T00:00:00Z (and 1 more)"
+
+
+def test_the_worker_skips_the_integer_walk_only_for_what_orjson_decoded() -> None:
+    """orjson reads an integer outside 64 bits as a float, so the worker's data cannot hold one; data
+    from elsewhere is still walked."""
+    import orjson
+
+    from schemas.events import DECODED_BY_ORJSON
+
+    text = b'{"kind": "completed", "request_id": "r1", "metadata": {"n": 123456789012345678901234567890}}'
+    decoded = orjson.loads(text)
+    assert isinstance(decoded["metadata"]["n"], float)
+    RawEvent.model_validate(decoded, context={DECODED_BY_ORJSON: True})
+    big = {"kind": "completed", "request_id": "r1", "metadata": {"n": 2**70}}
+    with pytest.raises(ValidationError, match="64 bits"):
+        RawEvent.model_validate(big)
