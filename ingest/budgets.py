@@ -119,6 +119,10 @@ class CheckRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     user: str | None = None
     tags: list[str] | None = Field(default=None, max_length=100)
+    model: str | None = Field(default=None, max_length=256, description="checked against `model:` budgets")
+    provider: str | None = Field(
+        default=None, max_length=128, description="checked against `provider:` budgets"
+    )
 
 
 def canonical_tag(name: str, policy: AttributionPolicy) -> str:
@@ -522,9 +526,18 @@ def create_router(
                 raise Forbidden(
                     f"{problem[1]}; a bound key checks only what it may claim", {"field": problem[0]}
                 )
-        return guard.check(attribution.tags).to_dict()
+        return guard.check(attribution.tags + model_keys(body.model, body.provider)).to_dict()
 
     return router
+
+
+def model_keys(model: str | None, provider: str | None) -> list[str]:
+    """The `model:` and `provider:` budget keys of a call about to be made, as the ledger will name them."""
+    if not model and not provider:
+        return []
+    provider_id, model_ref = split_model_ref(model or "", provider)
+    keys = [f"model:{model_ref}"] if model_ref else []
+    return keys + ([f"provider:{provider_id}"] if provider_id else [])
 
 
 def _app_tag(app_id: str, policy: AttributionPolicy) -> str:

@@ -504,7 +504,9 @@ def evaluate(
         if projection is not None and projection.settled and projection.spend > rule.max_budget:
             projected_fired = True
             alerts.append(
-                Alert(rule.tag, "projected", None, spend, rule.max_budget, rule.soft_budget, window, projection)
+                Alert(
+                    rule.tag, "projected", None, spend, rule.max_budget, rule.soft_budget, window, projection
+                )
             )
     block_end = None
     if blocked and rule.max_budget is not None:

@@ -39,6 +39,7 @@ from ledger import (
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
 from processors import metrics, rebalance
+from processors.alerts import install_alert_delivery
 from processors.budgets import (
     BudgetStore,
     SpendItem,
@@ -347,6 +348,7 @@ def create_app(settings: Settings) -> faust.App:
         metrics.PENDING_CALLS.set(len(state.pending))
 
     install_budgets(app, settings, watch)
+    install_alert_delivery(app, settings)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

@@ -43,6 +43,9 @@ BUDGET_DUPLICATES = Counter("spendledger_budget_duplicates", "Spend entries igno
 BUDGET_SIGNALS = Counter("spendledger_budget_signals", "Block-state messages sent", ["change"])
 BUDGET_ALERTS = Counter("spendledger_budget_alerts", "Budget alerts sent", ["kind"])
 BUDGET_TAGS = Gauge("spendledger_budget_tags", "Tags whose spend history the worker holds")
+ALERT_DELIVERIES = Counter(
+    "spendledger_alert_deliveries", "Attempts to deliver a budget alert to a destination", ["status"]
+)
 
 SINK_ROWS = Counter("spendledger_sink_rows", "Rows landed in ClickHouse", ["table"])
 SINK_SKIPPED = Counter("spendledger_sink_skipped", "Messages skipped as already landed", ["why"])

@@ -3,7 +3,8 @@
 `spend.budgets` lands in `tag_budgets` (a tombstone as a `deleted` row);
 `spend.budget-blocks` transitions (blocked, unblocked, deleted) and
 `spend.budget-alerts` land in `budget_events`; a re-sent alert (same
-`alert_id`) lands once.
+`alert_id`) lands once. `spend.alert-deliveries` lands in `alert_deliveries`;
+a copy of an attempt (same `attempt_id`) lands once.
 
 Order of one flush, and what a crash at each point leaves (DESIGN §9):
 
@@ -48,6 +49,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from processors import metrics
 from processors.deadletter import describe
+from schemas.alerts import DeliveryAttempt
 from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.events import MAX_ID_CHARS
 from schemas.records import AttributedRecord, Reject
@@ -65,6 +67,10 @@ BUDGET_COLUMNS = [
 BUDGET_EVENT_COLUMNS = [
     "at", "tag", "event_type", "threshold_pct", "spend_usd", "max_budget_usd",
     "window_start", "window_end", "alert_id", "soft_budget_usd",
+]  # fmt: skip
+ALERT_DELIVERY_COLUMNS = [
+    "at", "attempt_id", "alert_id", "tag", "destination", "attempt", "status", "http_status", "error",
+    "latency_ms",
 ]  # fmt: skip
 TopicPartitionKey = tuple[str, int]
 
@@ -96,6 +102,7 @@ class Landing:
     rejects: list[Reject] = field(default_factory=list)
     budgets: list[list[Any]] = field(default_factory=list)
     budget_events: list[list[Any]] = field(default_factory=list)
+    alert_deliveries: list[list[Any]] = field(default_factory=list)
     next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
     replayed: int = 0
     duplicates: int = 0
@@ -117,6 +124,7 @@ class Landing:
             "spend_rejects": self.rejects,
             "tag_budgets": self.budgets,
             "budget_events": self.budget_events,
+            "alert_deliveries": self.alert_deliveries,
         }
         return tables[table]
 
@@ -127,7 +135,7 @@ class Landing:
         return part
 
 
-LANDED_TABLES = ("spend_records", "spend_rejects", "tag_budgets", "budget_events")
+LANDED_TABLES = ("spend_records", "spend_rejects", "tag_budgets", "budget_events", "alert_deliveries")
 
 
 class LedgerStore(Protocol):
@@ -138,6 +146,8 @@ class LedgerStore(Protocol):
     def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]: ...
 
     def existing_alert_ids(self, alert_ids: list[str]) -> set[str]: ...
+
+    def existing_attempt_ids(self, attempt_ids: list[str]) -> set[str]: ...
 
     def land(self, landing: Landing, group: str) -> None: ...
 
@@ -159,6 +169,7 @@ def plan_landing(
     landing = Landing()
     candidates: dict[str, tuple[AttributedRecord, Message]] = {}
     alerts: dict[str, tuple[list[Any], Message]] = {}
+    deliveries: dict[str, tuple[DeliveryAttempt, Message]] = {}
 
     def keep(table: str, row: Any, message: Message) -> None:
         rows = landing.rows(table)
@@ -188,6 +199,11 @@ def plan_landing(
                 if len(alert.alert_id) > MAX_ID_CHARS:  # looked up in a query of bounded size
                     raise ValueError(f"alert_id is longer than {MAX_ID_CHARS} characters")
                 alerts.setdefault(alert.alert_id, (_alert_row(alert), message))
+            elif message.topic == topics.alert_deliveries:
+                attempt = DeliveryAttempt.model_validate_json(message.value)
+                if max(len(attempt.alert_id), len(attempt.attempt_id)) > MAX_ID_CHARS:
+                    raise ValueError(f"alert_id or attempt_id is longer than {MAX_ID_CHARS} characters")
+                deliveries.setdefault(attempt.attempt_id, (attempt, message))
             elif message.topic == topics.attributed:
                 record = AttributedRecord.model_validate_json(message.value)
                 problem = unstorable(record)
@@ -218,6 +234,12 @@ def plan_landing(
         for alert_id, (row, message) in alerts.items():
             if alert_id not in existing:
                 keep("budget_events", row, message)
+    if deliveries:
+        existing = store.existing_attempt_ids(list(deliveries))
+        landing.duplicates += len(existing)
+        for attempt_id, (attempt, message) in deliveries.items():
+            if attempt_id not in existing:
+                keep("alert_deliveries", _delivery_row(attempt), message)
     return landing
 
 
@@ -341,10 +363,21 @@ def _block_row(s: BlockSignal) -> list[Any]:
     ]  # fmt: skip
 
 
+# budget_events.event_type of each alert kind.
+ALERT_EVENT_TYPES = {"threshold": "alert", "soft_budget": "soft_alert", "projected": "projected_alert"}
+
+
 def _alert_row(a: BudgetAlert) -> list[Any]:
     return [
-        a.at, a.tag, "alert" if a.kind == "threshold" else "soft_alert", a.threshold_pct, a.spend_usd,
+        a.at, a.tag, ALERT_EVENT_TYPES[a.kind], a.threshold_pct, a.spend_usd,
         a.max_budget_usd, a.window_start, a.window_end, a.alert_id, a.soft_budget_usd,
+    ]  # fmt: skip
+
+
+def _delivery_row(a: DeliveryAttempt) -> list[Any]:
+    return [
+        a.at, a.attempt_id, a.alert_id, a.tag, a.destination, a.attempt, a.status, a.http_status, a.error,
+        a.latency_ms,
     ]  # fmt: skip
 
 
@@ -402,6 +435,15 @@ class ClickHouseStore:
             found |= {row[0] for row in result.result_rows}
         return found
 
+    def existing_attempt_ids(self, attempt_ids: list[str]) -> set[str]:
+        found = set()
+        for ids in id_slices(attempt_ids):
+            result = self._client.query(
+                "SELECT attempt_id FROM alert_deliveries WHERE attempt_id IN %(ids)s", parameters={"ids": ids}
+            )
+            found |= {row[0] for row in result.result_rows}
+        return found
+
     def land(self, landing: Landing, group: str) -> None:
         token = landing.token(group)
         if landing.records:
@@ -415,6 +457,13 @@ class ClickHouseStore:
         if landing.budget_events:
             self._insert(
                 "budget_events", landing.budget_events, BUDGET_EVENT_COLUMNS, f"{token}:budget_events"
+            )
+        if landing.alert_deliveries:
+            self._insert(
+                "alert_deliveries",
+                landing.alert_deliveries,
+                ALERT_DELIVERY_COLUMNS,
+                f"{token}:alert_deliveries",
             )
         if landing.next_offsets:
             rows = [[group, t, p, o] for (t, p), o in landing.next_offsets.items()]
@@ -458,7 +507,9 @@ class Sink:
         # cluster id; an embedded broker is a new cluster at every start, its logs starting from 0).
         self.group = self.consumer_group
         t = settings.topics
-        self.topics = [t.attributed, t.dead_letter, t.budgets, t.budget_blocks, t.budget_alerts]
+        self.topics = [
+            t.attributed, t.dead_letter, t.budgets, t.budget_blocks, t.budget_alerts, t.alert_deliveries,
+        ]  # fmt: skip
         self._landed: dict[TopicPartitionKey, int] = {}
         self._stop = threading.Event()
         self.healthy = True

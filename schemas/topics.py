@@ -39,6 +39,10 @@ class Topics:
         return self._name("spend.budget-alerts")
 
     @property
+    def alert_deliveries(self) -> str:
+        return self._name("spend.alert-deliveries")
+
+    @property
     def dead_letter(self) -> str:
         return self._name("spend.dead-letter")
 
@@ -55,9 +59,10 @@ class Topics:
     def consumed(self) -> dict[str, list[str]]:
         """Consumer group -> the topics it reads: what has to be empty before a stop loses nothing."""
         return {
-            self.faust_app_id: [self.raw, self.budgets, self.tag_spend],
+            self.faust_app_id: [self.raw, self.budgets, self.tag_spend, self.budget_alerts],
             self.sink_group: [
                 self.attributed, self.dead_letter, self.budgets, self.budget_blocks, self.budget_alerts,
+                self.alert_deliveries,
             ],
         }  # fmt: skip
 
@@ -70,5 +75,6 @@ class Topics:
             self.budgets: True,
             self.budget_blocks: True,
             self.budget_alerts: False,
+            self.alert_deliveries: False,
             self.dead_letter: False,
         }

@@ -204,6 +204,7 @@ def build_budget_services(settings: Settings) -> Any:
         spend=ClickHouseSpendReader(connect(settings, create_database=False)),
         tz=ZoneInfo(settings.budget_timezone),
         policy=settings.attribution_policy(),
+        alert_destinations=frozenset(settings.alert_destinations),  # names only: the URLs stay in the worker
     )
 
 

@@ -5,24 +5,72 @@ Built once in `main` and passed down; nothing reads the environment at import ti
 
 from __future__ import annotations
 
+import json
+import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ledger.budgets import HistoryPolicy
 from ledger.join import JoinTimeouts
 from ledger.tags import AttributionPolicy
 from schemas.topics import Topics
 
+_DESTINATION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DestinationName = Annotated[str, StringConstraints(pattern=_DESTINATION_NAME)]
+
+
+class AlertDestination(BaseModel):
+    """Where budget alerts are delivered (`ALERT_DESTINATIONS`). The URL and the signing key are
+    secrets (a Slack webhook's URL is its key): they never reach Kafka, ClickHouse, logs or errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    url: SecretStr
+    format: Literal["json", "slack"] = "json"
+    secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 key that signs each delivery")
+    default: bool = Field(default=False, description="gets every alert, not only those of budgets naming it")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            parts = urlsplit(value.get_secret_value())
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. a bad port
+            usable = False
+        if not usable:  # the message must not quote the URL
+            raise ValueError("url must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _non_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("secret must not be empty (leave it out for unsigned deliveries)")
+        return value
+
 
 class Settings(BaseSettings):
     """Every setting of every process; each process uses the part it needs."""
 
-    model_config = SettingsConfigDict(env_prefix="SPENDLEDGER_", env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected value is never quoted back (it may be a key or a webhook URL).
+    model_config = SettingsConfigDict(
+        env_prefix="SPENDLEDGER_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:19092"
@@ -162,6 +210,29 @@ class Settings(BaseSettings):
     budget_tick_interval_s: float = Field(default=1.0, gt=0)
     guard_bootstrap_timeout_s: float = Field(default=10.0, gt=0)
 
+    # Alert delivery (processors/alerts.py, docs/alert-delivery.md)
+    alert_destinations: Annotated[dict[DestinationName, AlertDestination], NoDecode] = Field(
+        default_factory=dict,
+        description='JSON: {"<name>": {"url", "format": "json"|"slack", "secret", "default"}}',
+    )
+    alert_delivery_attempts: int = Field(default=6, ge=1, le=20)
+    alert_delivery_timeout_s: float = Field(default=5.0, gt=0, le=60, description="one attempt, in all")
+    alert_delivery_backoff_s: float = Field(
+        default=0.5, gt=0, description="the wait after a first failed attempt; doubles after each"
+    )
+    alert_delivery_backoff_max_s: float = Field(
+        default=8.0, gt=0, description="the longest wait between attempts (a Retry-After too)"
+    )
+    alert_delivery_deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="an alert's delivery to one destination ends within this; no attempt starts that could not",
+    )
+    alert_delivery_max_age_s: float = Field(
+        default=3600.0, ge=0, description="an older alert is recorded as not sent (0: no limit)"
+    )
+
     # Sink
     sink_port: int = Field(default=6067, ge=0, le=65535)
     sink_batch_max: int = Field(default=5000, ge=1)
@@ -191,6 +262,38 @@ class Settings(BaseSettings):
             raise ValueError("garbage-collector thresholds are positive, e.g. [50000,50,100]")
         return value
 
+    @field_validator("alert_destinations", mode="before")
+    @classmethod
+    def _destinations_json(cls, value: Any) -> Any:
+        # From the environment or `.env` a JSON string (NoDecode: parsed here, so a syntax error is a
+        # ValidationError naming the setting, with a position and never the text).
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); expected "
+                    '{"<name>": {"url": "https://…", "format": "json", "secret": "…", "default": true}}'
+                ) from None
+        if isinstance(value, dict):
+            # Names and field names are checked here, where an error can leave them out: a URL put
+            # where a name goes would be quoted back by the field's own checks.
+            fields = set(AlertDestination.model_fields)
+            for number, (name, entry) in enumerate(value.items(), 1):
+                if not isinstance(name, str) or not re.fullmatch(_DESTINATION_NAME, name):
+                    raise ValueError(
+                        f"destination {number}: a name is 1 to 64 of A-Z a-z 0-9 _ . - "
+                        "(the name is not shown: it may be a URL)"
+                    )
+                if isinstance(entry, dict) and set(entry) - fields:
+                    raise ValueError(
+                        f"destination {name!r}: unknown fields (not shown); the fields are "
+                        "url, format, secret and default"
+                    )
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -217,6 +320,14 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"a key is listed as both {seen[key]} and {scope} key; scopes must differ"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _alert_delivery(self) -> Settings:
+        if self.alert_delivery_backoff_max_s < self.alert_delivery_backoff_s:
+            raise ValueError("ALERT_DELIVERY_BACKOFF_MAX_S must be at least ALERT_DELIVERY_BACKOFF_S")
+        if self.alert_delivery_deadline_s < self.alert_delivery_timeout_s:
+            raise ValueError("ALERT_DELIVERY_DEADLINE_S must be at least ALERT_DELIVERY_TIMEOUT_S")
         return self
 
     @property

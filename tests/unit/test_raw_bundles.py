@@ -177,4 +177,6 @@ def test_spend_counts_for_model_and_provider_and_at_the_receive_time_when_stampe
     )
     entries = tag_spend_entries([record])
     assert sorted(entries) == ["model:gpt-4o", "provider:openai", "team:a"]
-    assert all(items == [("e1", int(received.timestamp() * 1000), Decimal("0.5"))] for items in entries.values())
+    assert all(
+        items == [("e1", int(received.timestamp() * 1000), Decimal("0.5"))] for items in entries.values()
+    )
