@@ -482,6 +482,19 @@ def test_windows_and_limits_as_documented(ledger):
     monday = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
     assert windows["7d"][:2] == (monday.isoformat(), (monday + timedelta(days=7)).isoformat())
     assert windows["1d"][:2] == windows["1D"][:2]
+    arabic = admin(
+        ledger,
+        "POST",
+        "/tag/new",
+        json={"name": f"team:{team}-ar", "max_budget": 5, "budget_duration": "\u0661d"},
+    )
+    assert arabic.status_code == 422 and "budget_duration" in arabic.text
+    not_json = ledger.http.post(
+        "/tag/new",
+        content=b"{name: x}",
+        headers={"Authorization": f"Bearer {ledger.system.admin_key}", "Content-Type": "application/json"},
+    )
+    assert (not_json.status_code, not_json.json()["error"]["code"]) == (400, "invalid_json")
     posted = admin(ledger, "POST", "/tag/info", json={"names": [f"team:{team}-30d"]})
     assert posted.status_code == 200 and set(posted.json()) == {f"team:{team}-30d"}
 
@@ -542,9 +555,52 @@ def test_alerts_reach_a_webhook_signed_and_retried(ledger, receiver):
         lambda: any(a["tag"] == tag and a["kind"] == "soft_budget" for a in receiver.accepted),
         what="the soft alert",
     )
-    assert info_of(ledger, tag)["soft_budget_alerted"] is True
+    info = info_of(ledger, tag)
+    assert info["soft_budget_alerted"] is True
+    # 19.10: the day's spend carried to its end at the rate so far, and when the budget runs out.
+    now = datetime.now(UTC)
+    elapsed = (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    projected = Decimal(str(info["projected_spend"]))
+    assert abs(projected - EVENT_COST * 86_400 / Decimal(elapsed)) < projected / 50  # within 2 %
+    if elapsed > 8_640 + 60:  # a tenth of the day has passed: the projection above the max alerts
+        wait_until(
+            lambda: any(a["tag"] == tag and a["kind"] == "projected" for a in receiver.accepted),
+            what="the projected alert",
+        )
+        sent = next(a for a in receiver.accepted if a["tag"] == tag and a["kind"] == "projected")
+        assert Decimal(sent["projected_spend_usd"]) > Decimal("0.009") and sent["exhausted_at"] is not None
     # Nothing of the destination's URL or secret lands in ClickHouse.
     leaked = ledger.sql(
         f"SELECT count() FROM alert_deliveries WHERE position(error, '{receiver.url}') > 0 OR position(error, 'whsec') > 0"
     )
     assert leaked == [[0]]
+
+
+def test_a_sliding_budget_alerts_once_and_its_block_ends_when_the_spend_slides_out(ledger, topics):
+    """19.3: the window moves every minute; its thresholds fire once while spend stays above them, and
+    `block_ends_at` is the minute the spend leaves the window (not a minute later)."""
+    team = f"bs{uuid.uuid4().hex[:8]}"
+    tag = f"team:{team}"
+    r = admin(
+        ledger,
+        "POST",
+        "/tag/new",
+        json={"name": tag, "max_budget": "0.0075", "budget_duration": "2m", "window": "sliding"},
+    )
+    assert r.status_code == 200, r.text
+    now = datetime.now(UTC)
+    minute = now.replace(second=0, microsecond=0)
+    send(ledger, [spend_event(team, at=now), spend_event(team, at=now)])  # 0.009: over the 0.0075
+    block = topics["blocks"].wait(tag, lambda v: any(x and x["blocked"] for x in v))
+    block = next(x for x in block if x and x["blocked"])
+    assert datetime.fromisoformat(block["block_ends_at"]) == minute + timedelta(minutes=2)
+    # Past the next minute boundary the window has moved (the agent re-evaluates every second): no
+    # threshold fires again while the spend is still in it.
+    time.sleep(max(0.0, (minute + timedelta(minutes=1, seconds=4) - datetime.now(UTC)).total_seconds()))
+    topics["alerts"].poll(1.0)
+    fired = [a["threshold_pct"] for a in topics["alerts"].for_tag(tag) if a["kind"] == "threshold"]
+    assert fired == [50, 80, 95, 100]
+    topics["blocks"].poll(1.0)
+    moved = topics["blocks"].for_tag(tag)[-1]
+    assert moved is not None and moved["blocked"] is True
+    assert datetime.fromisoformat(moved["window_end"]) >= minute + timedelta(minutes=2)

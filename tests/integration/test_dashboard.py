@@ -169,6 +169,12 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         assert shown[f"budget:{budget['name']}:spend"] == usd(budget["spend"])
         assert shown[f"budget:{budget['name']}:max"] == usd(budget["max_budget"])
         assert (f"budget:{budget['name']}:blocked" in shown) == budget["blocked"]
+        if budget["projected_spend"] is not None and not budget["blocked"]:
+            # The projection moves with the clock between our read and the page's: within 5 %.
+            figure = Decimal(shown[f"budget:{budget['name']}:projected"].strip("$").replace(",", ""))
+            assert abs(figure - Decimal(str(budget["projected_spend"]))) <= Decimal(
+                str(budget["projected_spend"])
+            ) / 20 + Decimal("0.01")
 
     coverage = api("/v1/analytics/coverage", **span)
     for dimension in coverage["dimensions"]:
@@ -180,7 +186,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
 
     assert shown["budget:team:search:blocked"] == "blocked"
     [[recent]] = ledger.sql(
-        "SELECT count() FROM (SELECT 1 FROM budget_events WHERE event_type IN ('alert', 'soft_alert', 'blocked') "
+        "SELECT count() FROM (SELECT 1 FROM budget_events WHERE event_type IN ('alert', 'soft_alert', 'projected_alert', 'blocked') "
         "ORDER BY at DESC LIMIT 10)"
     )
     assert shown["alerts:count"] == f"({recent})" and recent >= alerts[0][0]
