@@ -1,5 +1,5 @@
 """Budget alerts delivered to people: each alert on `spend.budget-alerts` goes to its destinations
-(docs/alert-delivery.md), and each attempt's outcome to `spend.alert-deliveries`.
+(docs/budgets.md, "Alert delivery"), and each attempt's outcome to `spend.alert-deliveries`.
 
 - Destinations come from `ALERT_DESTINATIONS`: the `default` ones get every alert, the others the
   alerts whose budget names them (`BudgetAlert.destinations`). A name that is not configured is a

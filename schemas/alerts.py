@@ -1,4 +1,4 @@
-"""Budget alerts as delivered to people, and the delivery log (docs/alert-delivery.md).
+"""Budget alerts as delivered to people, and the delivery log (docs/budgets.md, "Alert delivery").
 
 A `json` destination receives `json_body(alert)`: the alert's fields, money as exact decimal
 strings, times as ISO-8601 UTC, and `"type": "budget.alert"`. A `slack` destination receives

@@ -210,7 +210,7 @@ class Settings(BaseSettings):
     budget_tick_interval_s: float = Field(default=1.0, gt=0)
     guard_bootstrap_timeout_s: float = Field(default=10.0, gt=0)
 
-    # Alert delivery (processors/alerts.py, docs/alert-delivery.md)
+    # Alert delivery (processors/alerts.py, docs/budgets.md, "Alert delivery")
     alert_destinations: Annotated[dict[DestinationName, AlertDestination], NoDecode] = Field(
         default_factory=dict,
         description='JSON: {"<name>": {"url", "format": "json"|"slack", "secret", "default"}}',
