@@ -15,7 +15,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Protocol
@@ -29,14 +29,16 @@ from ingest.publisher import EventPublisher
 from ledger.budgets import (
     Duration,
     Window,
+    budget_keys,
     calendar_window,
     describe_window,
+    model_key,
     parse_duration,
     project,
     rule_of,
 )
 from ledger.errors import BudgetError
-from ledger.pricing import normalize_provider, split_model_ref
+from ledger.pricing import PriceBook, normalize_provider
 from ledger.tags import AttributionPolicy, normalize
 from schemas.budgets import BlockSignal, BudgetDefinition, WindowMode
 from spendledger.guard import BudgetGuard, CompactedView
@@ -71,6 +73,8 @@ class BudgetServices:
     answer_wait_s: float = 3.0
     # Alert destination names configured in the environment (a budget may name only these).
     alert_destinations: frozenset[str] = frozenset()
+    # Names a call's model and provider as the ledger will (for /v1/check's `model:`/`provider:` keys).
+    prices: PriceBook = field(default_factory=PriceBook)
 
 
 class _BudgetFields(BaseModel):
@@ -128,13 +132,12 @@ class CheckRequest(BaseModel):
 def canonical_tag(name: str, policy: AttributionPolicy) -> str:
     """A budget name as the ledger writes the tag (`env:prod` -> `env:production`, `department:x` -> `team:x`).
 
-    `model:openai/gpt-4o` is `model:gpt-4o` and `provider:OpenAI` is `provider:openai`, as the ledger's
-    `model` and `provider` columns hold them. With USER_ID_HMAC_KEY set, `user:<id>` is hashed as the
+    `model:openai/gpt-4o` (or `model:GPT-4o`) is `model:gpt-4o` and `provider:OpenAI` is
+    `provider:openai`: the keys every call's spend counts for (`ledger.budgets.budget_keys`). With USER_ID_HMAC_KEY set, `user:<id>` is hashed as the
     ledger hashes user ids, and a name already hashed (`user:uh_…`, as reports show it) stays as it is."""
     key, sep, value = name.strip().partition(":")
     if sep and key.strip().lower() == "model" and value.strip():
-        _provider, model = split_model_ref(value, None)
-        name = f"model:{model}"
+        name = model_key(value)
     elif sep and key.strip().lower() == "provider" and value.strip():
         name = f"provider:{normalize_provider(value)}"
     elif sep and key.strip().lower() == "user" and _HASHED_USER.match(value.strip()):
@@ -225,9 +228,17 @@ def create_router(
                 "budgets are still being read from Kafka; retry shortly", retry_after_s=2
             )
 
-    def existing(name: str) -> tuple[str, BudgetDefinition]:
+    def lookup(name: str) -> tuple[str, BudgetDefinition | None]:
+        """The budget of a name: under its canonical tag, or under the exact name (a `model:`/`provider:`
+        budget created before those names were made canonical)."""
         tag = canonical_tag(name, services.policy)
         definition = registry.get(tag)
+        if definition is None and registry.get(name.strip()) is not None:
+            return name.strip(), registry.get(name.strip())
+        return tag, definition
+
+    def existing(name: str) -> tuple[str, BudgetDefinition]:
+        tag, definition = lookup(name)
         if definition is None:
             raise NotFound(f"no budget for tag {tag!r}", {"tag": tag})
         return tag, definition
@@ -249,7 +260,12 @@ def create_router(
     def agent_view(definition: BudgetDefinition, window: Window) -> BlockSignal | None:
         """The budget agent's latest signal, when it is about this budget in this window."""
         signal = guard.view.get(definition.tag)
-        if signal is None or signal.change == "deleted" or signal.max_budget_usd != definition.max_budget_usd:
+        if signal is None or signal.change == "deleted":
+            return None
+        if signal.definition_updated_at is not None:
+            if signal.definition_updated_at != definition.updated_at:
+                return None  # decided under another version of the budget
+        elif signal.max_budget_usd != definition.max_budget_usd:
             return None
         start, end = _ms(signal.window_start), _ms(signal.window_end)
         if definition.window == "sliding":
@@ -264,10 +280,9 @@ def create_router(
     async def applied(definition: BudgetDefinition) -> None:
         """Wait (at most `answer_wait_s`) until the budget agent has applied this definition."""
         deadline = time.monotonic() + services.answer_wait_s
-        written = _ms(definition.updated_at)
         while time.monotonic() < deadline:
-            signal = agent_view(definition, current_window(definition, services.clock()))
-            if signal is not None and _ms(signal.updated_at) >= written - 1000:
+            signal = guard.view.get(definition.tag)
+            if signal is not None and signal.definition_updated_at == definition.updated_at:
                 return
             await asyncio.sleep(0.05)
 
@@ -364,8 +379,7 @@ def create_router(
         found: dict[str, Any] = {}
         missing = []
         for name in names:
-            tag = canonical_tag(name, services.policy)
-            definition = registry.get(tag)
+            tag, definition = lookup(name)
             if definition is None:
                 missing.append(tag)
             else:
@@ -526,18 +540,10 @@ def create_router(
                 raise Forbidden(
                     f"{problem[1]}; a bound key checks only what it may claim", {"field": problem[0]}
                 )
-        return guard.check(attribution.tags + model_keys(body.model, body.provider)).to_dict()
+        provider, model = services.prices.resolve(body.model, body.provider)
+        return guard.check(budget_keys(attribution.tags, model, provider)).to_dict()
 
     return router
-
-
-def model_keys(model: str | None, provider: str | None) -> list[str]:
-    """The `model:` and `provider:` budget keys of a call about to be made, as the ledger will name them."""
-    if not model and not provider:
-        return []
-    provider_id, model_ref = split_model_ref(model or "", provider)
-    keys = [f"model:{model_ref}"] if model_ref else []
-    return keys + ([f"provider:{provider_id}"] if provider_id else [])
 
 
 def _app_tag(app_id: str, policy: AttributionPolicy) -> str:

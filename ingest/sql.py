@@ -35,6 +35,7 @@ import orjson
 
 from ingest.errors import ApiError, InvalidQuery, QueryLimitExceeded, RateLimited, StorageUnavailableError
 from ingest.sql_guard import PRIVATE_TABLES, Statement, check_explained, check_query
+from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 
 if TYPE_CHECKING:
     from spendledger.settings import Settings
@@ -288,9 +289,10 @@ class ClickHouseSpendReader:
 
     def spend(self, tag: str, start: datetime, end: datetime) -> Decimal:
         try:
+            # The budget's own rule: its keys (tags, model, provider) at the time each call was received.
             result = self._client.query(
-                "SELECT sum(cost_usd) FROM spend_records "
-                "WHERE occurred_at >= %(start)s AND occurred_at < %(end)s AND has(tags, %(tag)s)",
+                f"SELECT sum(cost_usd) FROM spend_records WHERE {SPEND_TIME_SQL} >= %(start)s "  # noqa: S608
+                f"AND {SPEND_TIME_SQL} < %(end)s AND has({BUDGET_KEYS_SQL}, %(tag)s)",
                 parameters={"tag": tag, "start": start, "end": end},
             )
         except Exception as exc:

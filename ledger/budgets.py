@@ -4,9 +4,9 @@ Times are epoch milliseconds; the caller passes "now". Money is Decimal USD.
 
 Windows
     A budget's window is found from the wall clock the caller passes, never from
-    event times: an event stamped ahead of the clock (a host whose clock runs
-    fast) counts at the clock's time, so it can neither start the next window
-    early nor fall out of the current one.
+    event times, and a call counts at the time the ledger received it (see
+    `spend_time`): a producer's clock, fast, slow or forged, can neither start
+    the next window early nor put spend in a window that has ended.
     - calendar (default): `Ns`/`Nm`/`Nh` are aligned to the Unix epoch in UTC;
       `Nd` to local midnights in the budget time zone, counted in blocks of N
       days from Monday 1970-01-05 (so `1d` is a day and `7d` a Monday-started
@@ -36,7 +36,8 @@ Decisions
       passed once; an update re-arms only the thresholds not already passed
       under the new budget; `soft_budget` alerts once per window and never
       blocks. A sliding window moves every minute, so a threshold fires when
-      spend rises through it and re-arms only once spend has fallen below it.
+      spend rises through it and re-arms only once spend has fallen REARM_POINTS
+      below it (spend hovering at a threshold alerts once, not every minute).
     - projection (calendar windows with a max): spend at the window's rate so
       far, carried to the window's end. Once a tenth of the window has passed,
       a projection above `max_budget` alerts ("projected") once per window,
@@ -53,7 +54,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, Decimal, localcontext
 from functools import lru_cache
 from typing import Literal
 
@@ -77,6 +78,32 @@ MAX_SLIDING_MS = 7 * DAY_MS
 # Monday 1970-01-05: day windows of N days are counted from here, so 7d starts on Mondays.
 _EPOCH_MONDAY = date(1970, 1, 5).toordinal()
 DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 95)
+# A sliding window's threshold re-arms once spend is this many percentage points below it.
+REARM_POINTS = 10
+
+
+def spend_time(occurred_ms: int, received_ms: int, now_ms: int | None = None) -> int:
+    """When a call counts against budgets: when the ledger received it (never later than `now_ms`).
+    `occurred_ms` is used only when the call carries no receive time of its own (0)."""
+    at = received_ms or occurred_ms
+    return min(at, now_ms) if now_ms is not None else at
+
+
+def model_key(model: str) -> str:
+    """The budget key of a model: `model:` and its last path segment, lower-cased, so `openai/gpt-4o`,
+    `GPT-4o` and an OpenRouter `openai/gpt-4o` all count for `model:gpt-4o` (the SQL twin is
+    `MODEL_KEY_SQL` in spendledger/restore.py)."""
+    return "model:" + model.strip().rsplit("/", 1)[-1].lower()
+
+
+def budget_keys(tags: Iterable[str], model: str, provider: str) -> list[str]:
+    """The keys a call's spend counts for: its tags, `model:<model>` and `provider:<provider>` (the
+    provider as the ledger names it, already normalized)."""
+    keys = list(tags)
+    for key in (model_key(model) if model.strip() else "", f"provider:{provider}" if provider else ""):
+        if key and key not in keys:
+            keys.append(key)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -107,8 +134,10 @@ def parse_duration(text: str) -> Duration:
     if count < 1:
         raise BudgetError("budget_duration must be at least 1")
     if unit == "mo":
-        if count > MAX_MONTHS:
-            raise BudgetError(f"budget_duration is at most {MAX_MONTHS}mo")
+        if count > MAX_MONTHS or MAX_MONTHS % count:
+            raise BudgetError(
+                "month windows are 1, 2, 3, 4, 6 or 12 months (they divide the year from January)"
+            )
         return Duration(count, "mo")
     span = count * _UNIT_MS[unit]
     if span > MAX_SPAN_MS:
@@ -425,14 +454,16 @@ def project(spend: Decimal, max_budget: Decimal | None, window: Window, now_ms: 
     length = window.end_ms - window.start_ms
     if elapsed < SECOND_MS or length <= 0:
         return None
-    projected = (spend * length / elapsed).quantize(Decimal("0.000000000001"))
-    exhausted = None
-    if max_budget is not None and spend > 0:
-        if spend >= max_budget:
-            exhausted = now_ms
-        else:
-            at = window.start_ms + int((max_budget * elapsed / spend).to_integral_value(ROUND_CEILING))
-            exhausted = at if at < window.end_ms else None
+    with localcontext() as ctx:
+        ctx.prec = 60  # a year's window a minute in, at the largest spends, stays exact
+        projected = (spend * length / elapsed).quantize(Decimal("0.000000000001"))
+        exhausted = None
+        if max_budget is not None and spend > 0:
+            if spend >= max_budget:
+                exhausted = now_ms
+            else:
+                at = window.start_ms + int((max_budget * elapsed / spend).to_integral_value(ROUND_CEILING))
+                exhausted = at if at < window.end_ms else None
     return Projection(projected, exhausted, elapsed * 10 >= length)
 
 
@@ -482,9 +513,11 @@ def evaluate(
     passed = frozenset(t for t in rule.alert_points() if pct >= t)
     soft_passed = rule.soft_budget is not None and spend >= rule.soft_budget
     if rule.mode == "sliding" and previous.window is not None:
-        # The window moves every minute: what already fired stays fired while spend stays above it.
-        fired = previous.fired & passed
-        soft_fired = previous.soft_fired and soft_passed
+        # The window moves every minute: what already fired stays fired until spend is well below it.
+        fired = frozenset(t for t in previous.fired if pct > t - REARM_POINTS)
+        soft_fired = previous.soft_fired and (
+            rule.soft_budget is not None and spend * 100 > rule.soft_budget * (100 - REARM_POINTS)
+        )
     else:
         fired = frozenset() if new_window else previous.fired
         soft_fired = False if new_window else previous.soft_fired
@@ -498,7 +531,7 @@ def evaluate(
     if soft_passed and not soft_fired:
         alerts.append(Alert(rule.tag, "soft_budget", None, spend, rule.max_budget, rule.soft_budget, window))
     blocked = rule.max_budget is not None and spend >= rule.max_budget
-    projected_fired = False if new_window else previous.projected_fired
+    projected_fired = False if new_window or rule_changed else previous.projected_fired
     if rule.mode == "calendar" and rule.max_budget is not None and not blocked and not projected_fired:
         projection = project(spend, rule.max_budget, window, clock_ms)
         if projection is not None and projection.settled and projection.spend > rule.max_budget:
@@ -546,6 +579,9 @@ class TagAccount:
     pending: Literal["", "created", "changed"] = ""
     duplicates: int = 0
     spend_moved: bool = False  # spend counted in the window since the last evaluation
+    # Until when an evaluation without new spend or a new rule cannot change anything (a timer
+    # evaluates only the accounts that are due).
+    due_ms: int = 0
 
     def clock(self, now_ms: int) -> int:
         """The time the budget's window is found from: the wall clock alone (events never move it)."""
@@ -599,4 +635,26 @@ class TagAccount:
         self.status = result.status
         self.pending = ""
         self.spend_moved = False
+        self.due_ms = next_change_ms(self.rule, result.status, self.clock(now_ms))
         return result
+
+    def announce(self) -> None:
+        """Make the next evaluation send a signal even if nothing changed (a definition was applied)."""
+        self.spend_moved = True
+
+
+def next_change_ms(rule: BudgetRule, status: BudgetStatus, now_ms: int) -> int:
+    """The earliest time after `now_ms` the wall clock alone can change this budget's decision: its
+    window's end, a sliding window's next minute, or when a projection may first alert (a tenth into
+    the window; after that, a projection only falls unless new spend comes)."""
+    window = status.window
+    if window is None:
+        return 0
+    if rule.mode == "sliding":
+        return window.end_ms  # the window moves when the minute turns
+    due = window.end_ms
+    if rule.max_budget is not None and not status.blocked and not status.projected_fired:
+        settle = window.start_ms + -(-(window.end_ms - window.start_ms) // 10)
+        if settle > now_ms:
+            due = min(due, settle)
+    return due

@@ -154,6 +154,21 @@ class PriceBook:
             self._catalog[key] = found
         return self._catalog[key]
 
+    def resolve(self, model: str | None, provider: str | None) -> tuple[str, str]:
+        """(provider, model) as `price` names a call's, found without usage or time: an override's
+        provider, else the catalog's, else the one given or prefixed."""
+        provider_id, model_ref = split_model_ref(model or "", provider)
+        if not model_ref:
+            return provider_id or "", ""
+        if provider_id is None:
+            for (override_provider, name), _ in self._overrides.items():
+                if name == model_ref.lower() and override_provider:
+                    return override_provider, model_ref
+            found = self._catalog_model(None, model_ref)
+            if found is not None:
+                return found[0].id, model_ref
+        return provider_id or "", model_ref
+
     def price(
         self,
         *,

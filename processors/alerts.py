@@ -163,6 +163,9 @@ class AlertDelivery:
         self._clock = clock
         self._monotonic = monotonic
         self._sleep = sleep
+        # Destinations whose last alert failed after all its retries: they get one attempt per alert
+        # until one is delivered, so a dead receiver holds a batch for one timeout, not the deadline.
+        self.down: set[str] = set()
 
     def targets(self, alert: BudgetAlert) -> list[str]:
         """The default destinations and those the alert's budget names."""
@@ -220,11 +223,15 @@ class AlertDelivery:
                 delay = next_delay(
                     self.policy,
                     attempt,
-                    retryable=outcome.retryable,
+                    retryable=outcome.retryable and name not in self.down,
                     retry_after_s=outcome.retry_after_s,
                     elapsed_s=self._monotonic() - started,
                 )
                 status = "failed" if delay is None else "retrying"
+                if status == "failed":
+                    self.down.add(name)
+            else:
+                self.down.discard(name)
             note = self._note(
                 alert,
                 name,

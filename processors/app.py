@@ -36,6 +36,7 @@ from ledger import (
     on_event,
     on_tick,
 )
+from ledger.budgets import budget_keys, spend_time
 from ledger.join import JoinStep
 from ledger.pricing import parse_price_overrides
 from processors import metrics, rebalance
@@ -429,31 +430,21 @@ class StallWatch:
 
 
 def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendItem]]:
-    """Priced spend of a batch by tag; a record counts in full for each of its tags, and for its model
-    and provider as `model:<model>` and `provider:<provider>` (model and provider budgets). A call
-    counts at its event time, or at the API's receive time when it was stamped later (a fast host
-    clock)."""
+    """Priced spend of a batch by budget key: a record counts in full for each of its tags, its model
+    and its provider (`ledger.budget_keys`), at the time the ledger received it (`ledger.spend_time`)."""
     out: dict[str, list[SpendItem]] = {}
     for record in records:
         if not record.cost_usd:
             continue  # unpriced (NULL) or free: nothing to count
-        at = min(record.occurred_at, record.received_at)
-        entry = (record.event_id, int(at.timestamp() * 1000), record.cost_usd)
-        for tag in spend_keys(record):
-            out.setdefault(tag, []).append(entry)
+        at = spend_time(_ms(record.occurred_at), _ms(record.received_at))
+        entry = (record.event_id, at, record.cost_usd)
+        for key in budget_keys(record.tags, record.model, record.provider):
+            out.setdefault(key, []).append(entry)
     return out
 
 
-def spend_keys(record: AttributedRecord) -> list[str]:
-    """The budget keys a record's spend counts for: its tags, its model and its provider."""
-    keys = list(record.tags)
-    for key in (
-        f"model:{record.model}" if record.model else "",
-        f"provider:{record.provider}" if record.provider else "",
-    ):
-        if key and key not in keys:
-            keys.append(key)
-    return keys
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
 
 
 def tag_spend_messages(
@@ -550,9 +541,7 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
 
     def publish(tag: str, result: Any, now_ms: int) -> None:
         account = store.accounts[tag]
-        definition = store.definitions.get(tag)
-        destinations = definition.alert_destinations if definition is not None else ()
-        signal, alerts = outcome_messages(account, result, now_ms, destinations)
+        signal, alerts = outcome_messages(account, result, now_ms, store.definitions.get(tag))
         if signal is not None:
             metrics.BUDGET_SIGNALS.labels(signal.change).inc()
             outbox.put(topics.budget_blocks, tag.encode(), signal.model_dump_json().encode())
@@ -627,6 +616,7 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
                         if isinstance(spend, TagSpend) and spend.type == "budget":
                             before = (account.status, account.rule)
                             store.set_definition(account, spend.definition)
+                            account.announce()  # a write's answer waits for this definition's signal
                             if spend.definition is None and before[1] is not None:
                                 deleted.append((tag, *before))
                             touched[tag] = True
@@ -670,10 +660,16 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
         partitions = assigned()
         now_ms = int(time.time() * 1000)
         for account in store.budgeted(partitions):
-            result = account.evaluate(now_ms)
-            if result is not None and (result.change != "none" or result.alerts):
-                publish(account.tag, result, now_ms)
-                store.persist(account)
+            if account.due_ms > now_ms:
+                continue  # nothing the clock alone can change yet
+            try:
+                result = account.evaluate(now_ms)
+                if result is not None and (result.change != "none" or result.alerts):
+                    publish(account.tag, result, now_ms)
+                    store.persist(account)
+            except Exception as exc:  # one budget's failure must not stop the others' windows
+                account.due_ms = now_ms + 60_000
+                log.error("cannot evaluate %r's budget: %s", account.tag, describe(exc))
         await outbox.flush()
         if time.monotonic() - compacted_at[0] >= 60:
             compacted_at[0] = time.monotonic()

@@ -155,7 +155,12 @@ def to_datetime(at_ms: int) -> datetime:
 
 
 def block_signal(
-    tag: str, status: BudgetStatus, rule: BudgetRule | None, change: BlockChange, now_ms: int
+    tag: str,
+    status: BudgetStatus,
+    rule: BudgetRule | None,
+    change: BlockChange,
+    now_ms: int,
+    definition: BudgetDefinition | None = None,
 ) -> BlockSignal:
     window = status.window or Window(now_ms, now_ms)
     return BlockSignal(
@@ -171,11 +176,16 @@ def block_signal(
         thresholds_fired=sorted(status.fired),
         block_ends_at=to_datetime(status.block_end_ms) if status.block_end_ms is not None else None,
         soft_budget_fired=status.soft_fired,
+        definition_updated_at=definition.updated_at if definition is not None else None,
     )
 
 
-def budget_alert(alert: Alert, now_ms: int, destinations: Iterable[str] = ()) -> BudgetAlert:
-    ident = f"{alert.tag}|{alert.window.start_ms}|{alert.kind}|{alert.threshold_pct}"
+def budget_alert(alert: Alert, now_ms: int, definition: BudgetDefinition | None = None) -> BudgetAlert:
+    # One id per budget version, window and threshold: a crash's re-sent alert keeps it, while an alert
+    # that fires again after an update (or a delete and re-create) is a new one.
+    version = int(definition.updated_at.timestamp() * 1000) if definition is not None else 0
+    ident = f"{alert.tag}|{version}|{alert.window.start_ms}|{alert.kind}|{alert.threshold_pct}"
+    destinations = definition.alert_destinations if definition is not None else []
     projection = alert.projection
     exhausted = projection.exhausted_at_ms if projection is not None else None
     return BudgetAlert(
@@ -375,7 +385,7 @@ class BudgetStore:
 
 
 def outcome_messages(
-    account: TagAccount, result: Evaluation | None, now_ms: int, destinations: Iterable[str] = ()
+    account: TagAccount, result: Evaluation | None, now_ms: int, definition: BudgetDefinition | None = None
 ) -> tuple[BlockSignal | None, list[BudgetAlert]]:
     """What to send for one evaluation: the block state when it changed, and the alerts (each for the
     budget's own alert destinations as well as the default ones)."""
@@ -383,5 +393,5 @@ def outcome_messages(
         return None, []
     signal = None
     if result.change != "none":
-        signal = block_signal(account.tag, result.status, account.rule, result.change, now_ms)
-    return signal, [budget_alert(a, now_ms, destinations) for a in result.alerts]
+        signal = block_signal(account.tag, result.status, account.rule, result.change, now_ms, definition)
+    return signal, [budget_alert(a, now_ms, definition) for a in result.alerts]

@@ -70,6 +70,8 @@ class BlockSignal(BaseModel):
     thresholds_fired: list[int] = Field(default_factory=list)
     block_ends_at: datetime | None = None
     soft_budget_fired: bool = False
+    # The `updated_at` of the definition this state was decided under (a write's answer waits for it).
+    definition_updated_at: datetime | None = None
 
 
 class BudgetAlert(BaseModel):

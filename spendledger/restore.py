@@ -51,6 +51,7 @@ from ledger.budgets import (
 from processors.budgets import BudgetStore, block_signal, state_messages, tag_partition
 from processors.sink import id_slices
 from schemas.budgets import BudgetDefinition
+from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 from schemas.topics import Topics
 from spendledger.errors import StartupError
 from spendledger.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
@@ -260,8 +261,11 @@ def load_spend(client: Any, policy: HistoryPolicy, now_ms: int) -> SpendRows:
     days_from = now_ms - policy.day_history_ms
     minutes_from = history.day_start(now_ms - policy.minute_history_ms)
     events_from = (now_ms - policy.dedupe_ms) // MINUTE_MS * MINUTE_MS - MINUTE_MS
-    priced = "FROM spend_records ARRAY JOIN tags AS tag WHERE cost_usd IS NOT NULL AND cost_usd != 0"
-    window = "AND occurred_at >= %(start)s AND occurred_at < %(end)s"
+    # Each record's spend under every budget key, at the time it counts (as the budget agent counts it).
+    priced = (
+        f"FROM spend_records ARRAY JOIN {BUDGET_KEYS_SQL} AS tag WHERE cost_usd IS NOT NULL AND cost_usd != 0"
+    )
+    window = f"AND {SPEND_TIME_SQL} >= %(start)s AND {SPEND_TIME_SQL} < %(end)s"
 
     def rows(select: str, start_ms: int, end_ms: int, group: str = "") -> list[Any]:
         query = f"SELECT {select} {priced} {window} {group}"  # noqa: S608 - fixed text, bound values
@@ -270,19 +274,19 @@ def load_spend(client: Any, policy: HistoryPolicy, now_ms: int) -> SpendRows:
 
     far = now_ms + 100 * 366 * DAY_MS
     days = rows(
-        "tag, toUnixTimestamp(toStartOfDay(occurred_at, %(tz)s)) * 1000 AS d, sum(cost_usd)",
+        f"tag, toUnixTimestamp(toStartOfDay({SPEND_TIME_SQL}, %(tz)s)) * 1000 AS d, sum(cost_usd)",
         days_from,
         minutes_from,
         "GROUP BY tag, d",
     )
     minutes = rows(
-        "tag, toUnixTimestamp(toStartOfMinute(occurred_at)) * 1000 AS m, sum(cost_usd)",
+        f"tag, toUnixTimestamp(toStartOfMinute({SPEND_TIME_SQL})) * 1000 AS m, sum(cost_usd)",
         minutes_from,
         events_from,
         "GROUP BY tag, m",
     )
-    events = rows("tag, event_id, toUnixTimestamp64Milli(occurred_at), cost_usd", events_from, far)
-    newest = rows("tag, toUnixTimestamp64Milli(max(occurred_at))", days_from, far, "GROUP BY tag")
+    events = rows(f"tag, event_id, toUnixTimestamp64Milli({SPEND_TIME_SQL}), cost_usd", events_from, far)
+    newest = rows(f"tag, toUnixTimestamp64Milli(max({SPEND_TIME_SQL}))", days_from, far, "GROUP BY tag")
     fired_rows = client.query(
         "SELECT tag, toUnixTimestamp64Milli(window_start) AS ws, "
         "groupUniqArrayIf(assumeNotNull(threshold_pct), event_type = 'alert'), "

@@ -189,6 +189,7 @@ def build_budget_services(settings: Settings) -> Any:
 
     from ingest.budgets import BudgetServices
     from ingest.sql import ClickHouseSpendReader
+    from ledger.pricing import PriceBook, parse_price_overrides
     from schemas.budgets import BudgetDefinition
     from spendledger.guard import BudgetGuard, CompactedView
 
@@ -205,6 +206,11 @@ def build_budget_services(settings: Settings) -> Any:
         tz=ZoneInfo(settings.budget_timezone),
         policy=settings.attribution_policy(),
         alert_destinations=frozenset(settings.alert_destinations),  # names only: the URLs stay in the worker
+        prices=PriceBook(
+            parse_price_overrides(settings.price_overrides_file.read_text(encoding="utf-8"))
+            if settings.price_overrides_file
+            else ()
+        ),
     )
 
 

@@ -28,3 +28,16 @@ def migrations() -> list[tuple[str, list[str]]]:
     folder = resources.files(__name__)
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name, split_statements(f.read_text(encoding="utf-8"))) for f in files]
+
+
+# Over `spend_records`: the keys a record's spend counts for in budgets (its tags, `model:` with the
+# model's last path segment lower-cased, `provider:`), and the time it counts at (when the ledger
+# received it). The SQL twins of `ledger.budgets.budget_keys` and `spend_time`, for the figures read
+# back from ClickHouse (`/tag/info`'s `ledger_spend`, the restore); tests hold them equal.
+BUDGET_KEYS_SQL = (
+    "arrayConcat(tags, "
+    "if(trimBoth(model) != '' AND NOT has(tags, 'model:' || lowerUTF8(arrayElement(splitByChar('/', trimBoth(model)), -1))), "
+    "['model:' || lowerUTF8(arrayElement(splitByChar('/', trimBoth(model)), -1))], []), "
+    "if(provider != '' AND NOT has(tags, 'provider:' || provider), ['provider:' || provider], []))"
+)
+SPEND_TIME_SQL = "received_at"

@@ -195,3 +195,28 @@ async def test_each_destination_of_an_alert_is_delivered_at_once(serve):
     # The fast one was delivered before the slow one's second attempt: not one after the other.
     order = [(a.destination, a.attempt) for a in log]
     assert order.index(("fast", 1)) < order.index(("slow", 2))
+
+
+async def test_a_dead_destination_gets_one_attempt_per_alert_until_it_answers_again(serve):
+    """A receiver that failed an alert after all its retries is tried once per alert after that, so it
+    cannot hold every later batch for the whole retry deadline; once it takes one, retries resume."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log: list[DeliveryAttempt] = []
+    async with http_client(FAST) as client:
+        delivery = AlertDelivery(
+            {"ops": to(f"http://127.0.0.1:{port}/hooks/x")}, FAST, client, log.append, max_age_s=3600
+        )
+        await delivery.deliver(alert())
+        assert [a.status for a in log] == ["retrying"] * 3 + ["failed"] and delivery.down == {"ops"}
+        log.clear()
+        await delivery.deliver(alert())
+        assert [(a.attempt, a.status) for a in log] == [(1, "failed")]
+        receiver = await serve(Receiver([503]))
+        delivery.destinations["ops"] = to(receiver.url)
+        log.clear()
+        await delivery.deliver(alert())  # still marked down: one attempt, refused with a 503
+        await delivery.deliver(alert())  # delivered: the destination is up again
+        assert [(a.attempt, a.status) for a in log] == [(1, "failed"), (1, "delivered")]
+        assert delivery.down == set()

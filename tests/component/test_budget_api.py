@@ -284,7 +284,10 @@ async def test_a_write_waits_for_the_agent_and_answers_with_its_state(api, twins
     async def agent() -> None:
         while services.registry.get("team:two") is None:
             await asyncio.sleep(0.01)
-        services.guard.view.put("team:two", signal("team:two", "0.0045", "0.004", True))
+        written = services.registry.get("team:two").updated_at
+        services.guard.view.put(
+            "team:two", signal("team:two", "0.0045", "0.004", True, definition_updated_at=written)
+        )
 
     task = asyncio.create_task(agent())
     r = await http.post(
@@ -417,3 +420,26 @@ async def test_a_hashed_user_id_is_not_hashed_again_and_a_rotated_key_is_said(tw
     async with await client(b"key-2") as http:
         info = (await http.get("/tag/info", params={"names": f"user:{hashed}"}, headers=ADMIN)).json()
         assert "another USER_ID_HMAC_KEY" in info[f"user:{hashed}"]["warning"]
+
+
+async def test_a_signal_of_another_version_of_the_budget_does_not_speak_for_it(api, twins):
+    """Review of 19.4: the agent's state is matched to the definition it was decided under, not by its
+    max alone (a sliding budget of the same length and max is another budget)."""
+    http, _ = api
+    services, _spend = twins
+    r = await http.post(
+        "/tag/new", json={"name": "team:v", "max_budget": 1, "budget_duration": "1d"}, headers=ADMIN
+    )
+    first = services.registry.get("team:v")
+    services.guard.view.put(
+        "team:v", signal("team:v", "2", "1", True, definition_updated_at=first.updated_at)
+    )
+    assert (await http.post("/tag/info", json={"names": ["team:v"]}, headers=ADMIN)).json()["team:v"][
+        "blocked"
+    ]
+    services.clock = lambda: NOW.replace(minute=1)
+    r = await http.post(
+        "/tag/update", json={"name": "team:v", "description": "same max, new version"}, headers=ADMIN
+    )
+    body = r.json()
+    assert (body["spend_source"], body["blocked"]) == ("ledger", False)

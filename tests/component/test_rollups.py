@@ -111,3 +111,44 @@ def test_the_replay_lookup_finds_ids_past_clickhouses_query_size_limit(clickhous
     start = min(r.occurred_at for r in batch) - dt.timedelta(seconds=1)
     end = max(r.occurred_at for r in batch) + dt.timedelta(seconds=1)
     assert store.existing_event_ids([*ids, "never-landed"], start, end) == set(ids)
+
+
+def test_budget_keys_and_time_in_sql_are_the_budget_agents(clickhouse):
+    """`BUDGET_KEYS_SQL`/`SPEND_TIME_SQL` (the ledger_spend of /tag/info, the restore) name the same keys and
+    time as `ledger.budgets.budget_keys`/`spend_time` (the budget agent), for odd models and tags too."""
+    from ledger.budgets import budget_keys, spend_time
+    from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
+
+    client = clickhouse()
+    store = ClickHouseStore(client)
+    cases = [
+        (["team:a", "env:production"], "gpt-4o", "openai"),
+        ([], "openai/GPT-4o", "openrouter"),
+        (["model:gpt-4o"], "GPT-4o", "openai"),  # a caller's own label is not counted twice
+        (["provider:openai"], " meta-llama/Llama-3.1-8B ", "openai"),
+        ([], "", ""),
+        (["x"], "Modèle-Ünïcode", "self-hosted"),
+    ]
+    batch = [
+        AttributedRecord(
+            event_id=f"k{i}",
+            request_id=f"k{i}",
+            occurred_at=DAY + dt.timedelta(hours=9),  # stamped ahead; received earlier
+            received_at=DAY + dt.timedelta(seconds=i),
+            tags=tags,
+            model=model,
+            provider=provider,
+            cost_usd=Decimal("0.5"),
+        )
+        for i, (tags, model, provider) in enumerate(cases)
+    ]
+    land(store, batch, 1)
+    rows = client.query(
+        f"SELECT event_id, {BUDGET_KEYS_SQL}, toUnixTimestamp64Milli({SPEND_TIME_SQL}) FROM spend_records "  # noqa: S608
+        "WHERE startsWith(event_id, 'k') ORDER BY event_id"
+    ).result_rows
+    for record, (event_id, keys, at) in zip(batch, rows, strict=True):
+        assert event_id == record.event_id
+        assert list(keys) == budget_keys(record.tags, record.model, record.provider), record
+        occurred, received = (int(t.timestamp() * 1000) for t in (record.occurred_at, record.received_at))
+        assert at == spend_time(occurred, received)

@@ -321,6 +321,13 @@ def test_alerts_once_then_block_then_raise_next_window_and_delete(ledger, topics
     )[-1]
     assert datetime.fromisoformat(latest["window_start"]) == today and latest["blocked"] is True
     assert not guard.check([tag]).allowed and check(ledger, tag)["allowed"] is False
+    # A call stamped yesterday (a slow or forged clock) counts today as well: back-dating dodges nothing.
+    send(ledger, [spend_event(team, at=today - timedelta(hours=20))])
+    topics["blocks"].wait(tag, lambda v: v[-1] is not None and Decimal(v[-1]["spend_usd"]) == 12 * EVENT_COST)
+    info = wait_until(
+        lambda: (i := info_of(ledger, tag))["ledger_spend"] == i["spend"] and i, what="ledger_spend to agree"
+    )
+    assert Decimal(str(info["ledger_spend"])) == 12 * EVENT_COST
 
     # Delete: no block, and the budget is gone.
     assert admin(ledger, "POST", "/tag/delete", json={"name": tag}).json() == {"deleted": [tag]}
@@ -438,9 +445,20 @@ def test_model_provider_and_hashed_user_budgets_block_on_the_real_pipeline(ledge
         json={"name": f"user:{hashed}", "max_budget": "0.01", "budget_duration": "1d"},
     )
     assert r.status_code == 200 and r.json()["name"] == f"user:{hashed}", r.text
+    provider = f"acme-{model[-6:]}"  # a self-hosted provider of its own
+    r = admin(
+        ledger,
+        "POST",
+        "/tag/new",
+        json={"name": f"provider:{provider.upper()}", "max_budget": "0.01", "budget_duration": "1d"},
+    )
+    assert r.status_code == 200 and r.json()["name"] == f"provider:{provider}", r.text
     event = spend_event("models")
     event.update(model=f"openai/{model}", reported_cost_usd="0.02", user=f"alice-{model}")
-    send(ledger, [event])
+    own = spend_event("models")
+    own.update(model="Llama-Internal", provider=provider.upper(), reported_cost_usd="0.02")
+    send(ledger, [event, own])
+    wait_until(lambda: not guard.check([f"provider:{provider}"]).allowed, what="the provider budget's block")
     wait_until(lambda: not guard.check([f"model:{model}"]).allowed, what="the model budget's block")
     wait_until(lambda: not guard.check([f"user:{hashed}"]).allowed, what="the hashed user's block")
     producer = {"Authorization": f"Bearer {ledger.system.producer_key}"}
@@ -457,6 +475,14 @@ def test_model_provider_and_hashed_user_budgets_block_on_the_real_pipeline(ledge
     assert ledger.http.post("/v1/check", json={"model": "openai/gpt-4o-mini"}, headers=producer).json()[
         "allowed"
     ]
+    by_provider = ledger.http.post(
+        "/v1/check", json={"model": "Llama-Internal", "provider": provider.upper()}, headers=producer
+    ).json()
+    assert by_provider["allowed"] is False and by_provider["blocked_by"][0]["tag"] == f"provider:{provider}"
+    info = wait_until(
+        lambda: (i := info_of(ledger, f"provider:{provider}"))["ledger_spend"] and i, what="ledger_spend"
+    )
+    assert Decimal(str(info["ledger_spend"])) == Decimal("0.02") == Decimal(str(info["spend"]))
     rows = ledger.wait_for(
         f"SELECT user_id, model FROM spend_records WHERE model = '{model}'", lambda rows: rows
     )
@@ -576,9 +602,10 @@ def test_alerts_reach_a_webhook_signed_and_retried(ledger, receiver):
     assert leaked == [[0]]
 
 
-def test_a_sliding_budget_alerts_once_and_its_block_ends_when_the_spend_slides_out(ledger, topics):
-    """19.3: the window moves every minute; its thresholds fire once while spend stays above them, and
-    `block_ends_at` is the minute the spend leaves the window (not a minute later)."""
+@pytest.fixture(scope="module", autouse=True)
+def sliding(ledger, topics):
+    """A 2m sliding budget blocked at the module's start; its check comes last, once the minute has
+    turned while the other tests ran (so the wait for it costs little)."""
     team = f"bs{uuid.uuid4().hex[:8]}"
     tag = f"team:{team}"
     r = admin(
@@ -589,18 +616,26 @@ def test_a_sliding_budget_alerts_once_and_its_block_ends_when_the_spend_slides_o
     )
     assert r.status_code == 200, r.text
     now = datetime.now(UTC)
-    minute = now.replace(second=0, microsecond=0)
-    send(ledger, [spend_event(team, at=now), spend_event(team, at=now)])  # 0.009: over the 0.0075
+    send(ledger, [spend_event(team), spend_event(team)])  # 0.009: over the 0.0075
+    return tag, now.replace(second=0, microsecond=0)
+
+
+def test_a_sliding_budget_alerts_once_and_its_block_ends_when_the_spend_slides_out(topics, sliding):
+    """19.3: the window moves every minute; its thresholds fire once while spend stays above them, and
+    `block_ends_at` is the minute the spend leaves the window (not a minute later)."""
+    tag, minute = sliding
     block = topics["blocks"].wait(tag, lambda v: any(x and x["blocked"] for x in v))
     block = next(x for x in block if x and x["blocked"])
-    assert datetime.fromisoformat(block["block_ends_at"]) == minute + timedelta(minutes=2)
-    # Past the next minute boundary the window has moved (the agent re-evaluates every second): no
-    # threshold fires again while the spend is still in it.
-    time.sleep(max(0.0, (minute + timedelta(minutes=1, seconds=4) - datetime.now(UTC)).total_seconds()))
+    received = datetime.fromisoformat(block["window_end"]) - timedelta(minutes=1)  # the minute it counted in
+    assert received in (minute, minute + timedelta(minutes=1))
+    assert datetime.fromisoformat(block["block_ends_at"]) == received + timedelta(minutes=2)
+    # Past the next minute boundary the window has moved (the agent re-evaluates when the minute
+    # turns): no threshold fires again while the spend is still in it.
+    time.sleep(max(0.0, (received + timedelta(minutes=1, seconds=4) - datetime.now(UTC)).total_seconds()))
     topics["alerts"].poll(1.0)
     fired = [a["threshold_pct"] for a in topics["alerts"].for_tag(tag) if a["kind"] == "threshold"]
     assert fired == [50, 80, 95, 100]
     topics["blocks"].poll(1.0)
     moved = topics["blocks"].for_tag(tag)[-1]
     assert moved is not None and moved["blocked"] is True
-    assert datetime.fromisoformat(moved["window_end"]) >= minute + timedelta(minutes=2)
+    assert datetime.fromisoformat(moved["window_end"]) >= received + timedelta(minutes=2)

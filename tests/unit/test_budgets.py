@@ -65,7 +65,7 @@ def test_durations_parse(text: str, expected: Duration) -> None:
         ("-1d", "is not N"),
         ("1.5d", "is not N"),
         ("0d", "at least 1"),
-        ("13mo", "at most 12mo"),
+        ("13mo", "1, 2, 3, 4, 6 or 12"),
         ("367d", "at most 366d"),
         ("90s", "whole minutes"),
     ],
@@ -544,3 +544,48 @@ def test_a_projection_above_the_budget_alerts_once_per_window_after_a_tenth_of_i
     sliding.pending = "created"
     sliding.add_spend([("e1", NOW, D("9.6"))], NOW)
     assert [a.kind for a in sliding.evaluate(NOW).alerts] == ["threshold"] * 3  # type: ignore[union-attr]
+
+
+def test_a_sliding_threshold_hovered_at_alerts_once_not_every_minute() -> None:
+    """Review of 19.3: $0.80 a minute into a 10m sliding $10 budget keeps spend between 72 % and 80 %;
+    the 80 % alert fires once (it re-arms only 10 points below)."""
+    sliding = rule(duration=Duration(10, "m"), mode="sliding")
+    account = TagAccount("team:support", history(), sliding)
+    account.pending = "created"
+    kinds: list[int | None] = []
+    for minute in range(180):
+        at = NOW + minute * MINUTE_MS
+        account.add_spend([(f"e{minute}", at, D("0.8"))], at)
+        for second in (0, 30):
+            result = account.evaluate(at + second * 1000)
+            kinds += [a.threshold_pct for a in result.alerts]  # type: ignore[union-attr]
+    assert kinds == [50, 80]
+
+
+def test_next_change_is_the_window_end_the_projection_point_or_the_next_minute() -> None:
+    from ledger.budgets import next_change_ms
+
+    daily = TagAccount("team:support", history(), rule())
+    daily.pending = "created"
+    daily.add_spend([("e1", NOW, D("1"))], NOW)
+    early = ms("2026-11-22T01:00:00+00:00")
+    daily.evaluate(early)
+    assert daily.due_ms == ms("2026-11-22T02:24:00+00:00")  # a tenth of the day: the projection may alert
+    daily.evaluate(ms("2026-11-22T03:00:00+00:00"))
+    assert daily.due_ms == ms("2026-11-23T00:00:00+00:00")  # projected $8 < $10: only the window's end
+    sliding = rule(duration=Duration(1, "h"), mode="sliding")
+    assert (
+        next_change_ms(sliding, BudgetStatus(window=sliding.window_at(NOW + 5, UTC)), NOW + 5)
+        == NOW + MINUTE_MS
+    )
+
+
+def test_month_windows_divide_the_year_and_projections_never_overflow() -> None:
+    from ledger.budgets import project
+
+    with pytest.raises(BudgetError, match="1, 2, 3, 4, 6 or 12"):
+        parse_duration("5mo")
+    year = Window(ms("2026-01-01T00:00:00+00:00"), ms("2027-01-01T00:00:00+00:00"))
+    huge = project(D("1e11"), D("1e9"), year, year.start_ms + 5 * MINUTE_MS)
+    assert huge is not None and huge.spend == D("1e11") * (year.end_ms - year.start_ms) / (5 * MINUTE_MS)
+    assert huge.exhausted_at_ms == year.start_ms + 5 * MINUTE_MS

@@ -180,3 +180,42 @@ def test_spend_counts_for_model_and_provider_and_at_the_receive_time_when_stampe
     assert all(
         items == [("e1", int(received.timestamp() * 1000), Decimal("0.5"))] for items in entries.values()
     )
+
+
+def test_a_back_dated_call_counts_when_it_was_received():
+    """Review of 19.1: a call stamped yesterday (a slow or forged clock) counts in today's window."""
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from processors.app import tag_spend_entries
+    from schemas.records import AttributedRecord
+
+    received = datetime(2026, 12, 2, 10, tzinfo=UTC)
+    record = AttributedRecord(
+        event_id="e1",
+        request_id="r1",
+        occurred_at=received - timedelta(days=1),
+        received_at=received,
+        tags=["team:a"],
+        cost_usd=Decimal("5"),
+    )
+    assert tag_spend_entries([record]) == {"team:a": [("e1", int(received.timestamp() * 1000), Decimal("5"))]}
+
+
+def test_an_alert_that_fires_again_after_an_update_has_a_new_id_and_a_resent_one_the_same():
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from ledger.budgets import Alert, Window
+    from processors.budgets import budget_alert
+    from schemas.budgets import BudgetDefinition
+
+    alert = Alert("team:a", "threshold", 80, Decimal(8), Decimal(10), None, Window(0, 86_400_000))
+
+    def version(at: datetime) -> BudgetDefinition:
+        return BudgetDefinition(tag="team:a", budget_duration="1d", created_at=at, updated_at=at)
+
+    first = budget_alert(alert, 1000, version(datetime(2026, 12, 1, tzinfo=UTC)))
+    again = budget_alert(alert, 5000, version(datetime(2026, 12, 1, tzinfo=UTC)))
+    raised = budget_alert(alert, 9000, version(datetime(2026, 12, 1, 12, tzinfo=UTC)))
+    assert first.alert_id == again.alert_id != raised.alert_id
