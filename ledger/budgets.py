@@ -291,7 +291,8 @@ class HistoryPolicy:
 @dataclass(slots=True)
 class SecondBucket:
     amount: Decimal = ZERO
-    ids: set[str] = field(default_factory=set)
+    # The ids counted here, each once (the history's `seen` set is what dedupes; a list is cheaper).
+    ids: list[str] = field(default_factory=list)
     # Counted since the last `take_unsaved()`, each id with its cost: a store writes only these
     # (a hot second's ids would otherwise be rewritten whole, and grow past a Kafka message, on
     # every batch).
@@ -344,9 +345,11 @@ class SpendHistory:
             self.minutes[minute] += amount
             self.changed.add(("m", minute))
             return True
-        second = at_ms // SECOND_MS * SECOND_MS
-        bucket = self.seconds.setdefault(second, SecondBucket())
-        bucket.ids.add(event_id)
+        second = at_ms - at_ms % SECOND_MS
+        bucket = self.seconds.get(second)
+        if bucket is None:  # (not setdefault: it would build a bucket for every event)
+            bucket = self.seconds[second] = SecondBucket()
+        bucket.ids.append(event_id)
         self.seen.add(event_id)
         bucket.amount += amount
         bucket.unsaved.append((event_id, amount))
@@ -398,8 +401,9 @@ class SpendHistory:
         """Add a stored part of a second bucket back (recovery)."""
         bucket = self.seconds.setdefault(second, SecondBucket())
         bucket.amount += amount
-        bucket.ids.update(ids)
-        self.seen.update(ids)
+        fresh = [i for i in dict.fromkeys(ids) if i not in self.seen]
+        bucket.ids += fresh
+        self.seen.update(fresh)
         return bucket
 
     def _drop_second(self, second: int) -> SecondBucket:

@@ -91,10 +91,16 @@ def _spends(bundle: dict[str, list[list[Any]]], partition: int) -> tuple[bytes, 
     return next(iter(bundle)).encode(), orjson.dumps({"type": "spends", "tags": bundle}), partition
 
 
-def _item(event_id: Any, occurred_ms: Any, cost: Any) -> SpendItem:
+def _item(entry: Any, costs: dict[str, Decimal]) -> SpendItem:
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise TypeError("not [event_id, occurred_ms, cost]")
+    event_id, occurred_ms, cost = entry
     if not (isinstance(event_id, str) and isinstance(occurred_ms, int) and isinstance(cost, str)):
         raise TypeError("wrong types")
-    return event_id, occurred_ms, Decimal(cost)
+    amount = costs.get(cost)
+    if amount is None:
+        amount = costs[cost] = Decimal(cost)
+    return event_id, occurred_ms, amount
 
 
 MAX_STATE_ENTRIES = 2000  # stored keys per `state` message: well under Kafka's 1 MiB
@@ -135,9 +141,10 @@ def read_tag_spend(key: bytes | None, value: bytes | None) -> list[tuple[str, li
     if not isinstance(tags, dict):
         raise ValueError("a spend bundle has a `tags` object")
     out: list[tuple[str, list[SpendItem] | TagSpend]] = []
+    costs: dict[str, Decimal] = {}  # a call's cost comes once per tag it carries: parsed once
     for tag, entries in tags.items():
         try:
-            items = [_item(*entry) for entry in entries]
+            items = [_item(entry, costs) for entry in entries]
         except (TypeError, ValueError, InvalidOperation) as exc:
             raise ValueError(f"a spend entry of {tag!r} is not [event_id, occurred_ms, cost]") from exc
         out.append((tag, items))
