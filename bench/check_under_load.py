@@ -1,15 +1,18 @@
 """`/v1/check` latency while producers load ingest: p50/p99 idle, then under N batches/s of 1,000 events.
 
-    .venv/bin/python bench/check_under_load.py [--rates 2,5,10] [--seconds 20]
+    .venv/bin/python bench/check_under_load.py [--rates 2,5,10] [--seconds 20] [--checker-nice -10]
 
 Starts the embedded system, asks `/v1/check` every 20 ms from one client, and sends batches of
-1,000 events at each rate from another thread pool. Prints one line per phase.
+1,000 events at each rate from another thread pool. Prints one line per phase. On these two cores
+the client itself competes for CPU with the load it measures; `--checker-nice -10` (root) gives it
+the priority a gateway on its own host would have, so the figure is the ledger's path alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -27,8 +30,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def measure_checks(url: str, key: str, stop: Any, out: Any) -> None:
+def measure_checks(url: str, key: str, stop: Any, out: Any, nice: int = 0) -> None:
     """In a process of its own: the senders' threads must not delay the measuring client."""
+    if nice:
+        os.nice(nice)
     body = orjson.dumps({"tags": ["team:search"], "headers": {"x-anyapi-app-id": "checkout"}})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     latencies = []
@@ -102,12 +107,12 @@ def server_p99_ms(before: dict[float, float], after: dict[float, float]) -> floa
     return float("nan")
 
 
-def phase(url: str, keys: tuple[str, str], rate: float, seconds: float) -> dict[str, float]:
+def phase(url: str, keys: tuple[str, str], rate: float, seconds: float, nice: int = 0) -> dict[str, float]:
     producer, checker = keys
     before = server_buckets(url)
     context = multiprocessing.get_context("spawn")
     stop, out = context.Event(), context.Queue()
-    process = context.Process(target=measure_checks, args=(url, checker, stop, out))
+    process = context.Process(target=measure_checks, args=(url, checker, stop, out, nice))
     process.start()
     time.sleep(1)  # the checker's imports
     sent = [0, 0]
@@ -133,13 +138,13 @@ def phase(url: str, keys: tuple[str, str], rate: float, seconds: float) -> dict[
     }
 
 
-def run(rates: list[float], seconds: float, **overrides: str) -> dict[str, float]:
+def run(rates: list[float], seconds: float, nice: int = 0, **overrides: str) -> dict[str, float]:
     """Figures for bench/run.py: `/v1/check` p50 and p99 idle and at each rate."""
     figures: dict[str, float] = {}
     with embedded_system(**overrides) as system:
         keys = (system.producer_key, system.producer_key)
         for rate in [0.0, *rates]:
-            result = phase(system.api_url, keys, rate, seconds if rate else 5)
+            result = phase(system.api_url, keys, rate, seconds if rate else 5, nice)
             label = "idle" if rate == 0 else f"at_{rate:g}_batches_per_s"
             figures[f"check_p50_ms_{label}"] = result["p50_ms"]
             figures[f"check_p99_ms_{label}"] = result["p99_ms"]
@@ -153,10 +158,13 @@ def main() -> None:
     parser.add_argument("--rates", default="2,5,10")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--set", action="append", default=[], help="a setting, e.g. --set WORKER_NICE=10")
+    parser.add_argument(
+        "--checker-nice", type=int, default=0, help="the measuring client's niceness (negative: root)"
+    )
     args = parser.parse_args()
     print(machine())
     overrides = dict(f"SPENDLEDGER_{item}".split("=", 1) for item in args.set)
-    run([float(r) for r in args.rates.split(",")], args.seconds, **overrides)
+    run([float(r) for r in args.rates.split(",")], args.seconds, args.checker_nice, **overrides)
 
 
 if __name__ == "__main__":
