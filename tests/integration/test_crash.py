@@ -215,7 +215,8 @@ def test_a_worker_killed_right_after_a_batch_recovers_all_of_its_budget_state(su
         ]
         return {"events": events}
 
-    for round_ in range(3):
+    # Two kills: before the fix the tail went missing from the second recovery on ($3.60 of $5.40).
+    for round_ in range(2):
         assert ledger.send(batch(round_ * 400, 400)).status_code == 202
         sent = 400 * (round_ + 1)
         assert agent_spend(ledger, tag, cost * sent) == cost * sent
@@ -229,5 +230,5 @@ def test_a_worker_killed_right_after_a_batch_recovers_all_of_its_budget_state(su
             assert time.monotonic() < deadline, "the supervisor did not restart the worker"
             time.sleep(0.2)
     # One more call: the restarted worker's signal carries what it recovered plus this one.
-    assert ledger.send(batch(1200, 1)).status_code == 202
-    assert agent_spend(ledger, tag, cost * 1201) == cost * 1201
+    assert ledger.send(batch(800, 1)).status_code == 202
+    assert agent_spend(ledger, tag, cost * 801) == cost * 801
