@@ -40,7 +40,7 @@ from ledger.budgets import (
 from ledger.errors import BudgetError
 from ledger.pricing import PriceBook, normalize_provider
 from ledger.tags import AttributionPolicy, normalize
-from schemas.budgets import BlockSignal, BudgetDefinition, WindowMode
+from schemas.budgets import DEFAULT_ALERT_THRESHOLDS, BlockSignal, BudgetDefinition, WindowMode
 from spendledger.guard import BudgetGuard, CompactedView
 
 CREDITS_PER_USD = Decimal(100)
@@ -113,7 +113,7 @@ class AppLimit(BaseModel):
     app_id: str = Field(min_length=1, max_length=128)
     limit_type: Literal["daily", "weekly", "monthly"]
     limit_amount: Credits = Field(description="credits; 100 credits = $1 (at most 10 decimal places)")
-    alert_thresholds: Thresholds = Field(default_factory=lambda: [50, 80, 95])
+    alert_thresholds: Thresholds = Field(default_factory=lambda: list(DEFAULT_ALERT_THRESHOLDS))
 
 
 class CheckRequest(BaseModel):
@@ -192,7 +192,7 @@ def build_definition(
         soft_budget_usd=soft_budget,
         budget_duration=duration.strip(),
         window=window,
-        alert_thresholds=sorted(set(thresholds if thresholds is not None else [50, 80, 95])),
+        alert_thresholds=sorted(set(thresholds if thresholds is not None else DEFAULT_ALERT_THRESHOLDS)),
         source=source,
         description=description if description is not None else previous.description if previous else None,
         created_at=previous.created_at if previous else now,

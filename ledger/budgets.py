@@ -59,7 +59,7 @@ from functools import lru_cache
 from typing import Literal
 
 from ledger.errors import BudgetError
-from schemas.budgets import BudgetDefinition
+from schemas.budgets import DEFAULT_ALERT_THRESHOLDS, BudgetDefinition
 
 SECOND_MS = 1000
 MINUTE_MS = 60_000
@@ -77,7 +77,7 @@ MAX_MONTHS = 12
 MAX_SLIDING_MS = 7 * DAY_MS
 # Monday 1970-01-05: day windows of N days are counted from here, so 7d starts on Mondays.
 _EPOCH_MONDAY = date(1970, 1, 5).toordinal()
-DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 95)
+DEFAULT_THRESHOLDS = DEFAULT_ALERT_THRESHOLDS
 # A sliding window's threshold re-arms once spend is this many percentage points below it.
 REARM_POINTS = 10
 

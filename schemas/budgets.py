@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 WindowMode = Literal["calendar", "sliding"]
+# The percents of `max_budget` that alert when a budget names none (100, the block, always alerts).
+DEFAULT_ALERT_THRESHOLDS: tuple[int, ...] = (50, 80, 95)
 BudgetSource = Literal["tag", "app_limit"]
 BlockChange = Literal["update", "blocked", "unblocked", "deleted"]
 
@@ -27,7 +29,7 @@ class BudgetDefinition(BaseModel):
     soft_budget_usd: Decimal | None = None
     budget_duration: str
     window: WindowMode = "calendar"
-    alert_thresholds: list[int] = Field(default_factory=lambda: [50, 80, 95])
+    alert_thresholds: list[int] = Field(default_factory=lambda: list(DEFAULT_ALERT_THRESHOLDS))
     source: BudgetSource = "tag"
     description: str | None = None
     created_at: datetime
