@@ -427,19 +427,18 @@ class ClickHouseStore:
         return found
 
     def existing_alert_ids(self, alert_ids: list[str]) -> set[str]:
-        found = set()
-        for ids in id_slices(alert_ids):
-            result = self._client.query(
-                "SELECT alert_id FROM budget_events WHERE alert_id IN %(ids)s", parameters={"ids": ids}
-            )
-            found |= {row[0] for row in result.result_rows}
-        return found
+        return self._existing("budget_events", "alert_id", alert_ids)
 
     def existing_attempt_ids(self, attempt_ids: list[str]) -> set[str]:
+        return self._existing("alert_deliveries", "attempt_id", attempt_ids)
+
+    def _existing(self, table: str, column: str, wanted: list[str]) -> set[str]:
+        """Which of these ids `table` already holds in `column` (fixed names, bound ids)."""
         found = set()
-        for ids in id_slices(attempt_ids):
+        for ids in id_slices(wanted):
             result = self._client.query(
-                "SELECT attempt_id FROM alert_deliveries WHERE attempt_id IN %(ids)s", parameters={"ids": ids}
+                f"SELECT {column} FROM {table} WHERE {column} IN %(ids)s",  # noqa: S608
+                parameters={"ids": ids},
             )
             found |= {row[0] for row in result.result_rows}
         return found

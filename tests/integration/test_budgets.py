@@ -431,28 +431,16 @@ def test_model_provider_and_hashed_user_budgets_block_on_the_real_pipeline(ledge
 
     model = f"gpt-4o-test-{uuid.uuid4().hex[:6]}"  # a model of its own, priced by the reported cost
     hashed = hash_user_id(f"alice-{model}", USER_KEY)
-    r = admin(
-        ledger,
-        "POST",
-        "/tag/new",
-        json={"name": f"model:openai/{model}", "max_budget": "0.01", "budget_duration": "1d"},
-    )
-    assert r.status_code == 200 and r.json()["name"] == f"model:{model}", r.text
-    r = admin(
-        ledger,
-        "POST",
-        "/tag/new",
-        json={"name": f"user:{hashed}", "max_budget": "0.01", "budget_duration": "1d"},
-    )
-    assert r.status_code == 200 and r.json()["name"] == f"user:{hashed}", r.text
     provider = f"acme-{model[-6:]}"  # a self-hosted provider of its own
-    r = admin(
-        ledger,
-        "POST",
-        "/tag/new",
-        json={"name": f"provider:{provider.upper()}", "max_budget": "0.01", "budget_duration": "1d"},
-    )
-    assert r.status_code == 200 and r.json()["name"] == f"provider:{provider}", r.text
+    for name, canonical in (
+        (f"model:openai/{model}", f"model:{model}"),
+        (f"user:{hashed}", f"user:{hashed}"),
+        (f"provider:{provider.upper()}", f"provider:{provider}"),
+    ):
+        r = admin(
+            ledger, "POST", "/tag/new", json={"name": name, "max_budget": "0.01", "budget_duration": "1d"}
+        )
+        assert r.status_code == 200 and r.json()["name"] == canonical, r.text
     event = spend_event("models")
     event.update(model=f"openai/{model}", reported_cost_usd="0.02", user=f"alice-{model}")
     own = spend_event("models")
