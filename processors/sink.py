@@ -43,8 +43,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
+import orjson
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from processors import metrics
@@ -72,6 +74,7 @@ ALERT_DELIVERY_COLUMNS = [
     "at", "attempt_id", "alert_id", "tag", "destination", "attempt", "status", "http_status", "error",
     "latency_ms",
 ]  # fmt: skip
+OFFSET_COLUMNS = ["consumer_group", "topic", "partition", "next_offset"]
 TopicPartitionKey = tuple[str, int]
 
 # Failed landings of one batch, with ClickHouse answering, before the batch is landed apart.
@@ -444,11 +447,11 @@ class ClickHouseStore:
         return found
 
     def land(self, landing: Landing, group: str) -> None:
+        # Every table as JSON lines that ClickHouse parses itself (in C++, outside the GIL): building the
+        # native format in Python cost ten times as much (docs/performance.md), and the same statements
+        # pass through the embedded system's relay (spendledger.chdb_relay).
         token = landing.token(group)
         if landing.records:
-            # As JSON lines that ClickHouse parses itself (in C++, outside the GIL): building the native
-            # format in Python held the API's GIL from /v1/check in the embedded system, and cost ten
-            # times as much (docs/performance.md).
             body = b"\n".join(r.model_dump_json().encode() for r in landing.records)
             self._insert_json("spend_records", body, RECORD_COLUMNS, f"{token}:records")
         if landing.rejects:
@@ -469,15 +472,13 @@ class ClickHouseStore:
             )
         if landing.next_offsets:
             rows = [[group, t, p, o] for (t, p), o in landing.next_offsets.items()]
-            self._client.insert(
-                "sink_offsets", rows, column_names=["consumer_group", "topic", "partition", "next_offset"]
-            )
+            self._insert_json("sink_offsets", json_rows(rows, OFFSET_COLUMNS), OFFSET_COLUMNS, None)
 
     def _insert(self, table: str, rows: list[list[Any]], columns: list[str], token: str) -> None:
-        self._client.insert(table, rows, column_names=columns, settings=_dedupe_settings(token))
+        self._insert_json(table, json_rows(rows, columns), columns, token)
 
-    def _insert_json(self, table: str, body: bytes, columns: list[str], token: str) -> None:
-        settings = {**_dedupe_settings(token), "date_time_input_format": "best_effort"}
+    def _insert_json(self, table: str, body: bytes, columns: list[str], token: str | None) -> None:
+        settings = {**(_dedupe_settings(token) if token else {}), "date_time_input_format": "best_effort"}
         self._client.raw_insert(table, columns, body, settings=settings, fmt="JSONEachRow")
 
     def ping(self) -> bool:
@@ -486,6 +487,17 @@ class ClickHouseStore:
         except Exception:  # any error: not answering
             return False
         return True
+
+
+def json_rows(rows: list[list[Any]], columns: list[str]) -> bytes:
+    """Rows as JSONEachRow lines (decimals in plain notation, which ClickHouse parses exactly)."""
+    return b"\n".join(orjson.dumps(dict(zip(columns, row, strict=True)), default=_json_value) for row in rows)
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
 def _dedupe_settings(token: str) -> dict[str, Any]:
@@ -556,6 +568,13 @@ class Sink:
                     consumer.close()
                     return
         self.group = landed_offsets_key(self.consumer_group, cluster_id)
+        while not self.store.ping():  # e.g. the API that lends the embedded engine is restarting
+            self.healthy, self.stuck_reason = False, "ClickHouse does not answer"
+            log.warning("sink cannot reach ClickHouse; retrying")
+            if self._stop.wait(1.0):
+                consumer.close()
+                return
+        self.healthy, self.stuck_reason = True, None
         consumer.subscribe(self.topics, on_assign=self._on_assign)
         buffer: list[Any] = []
         first_at = 0.0

@@ -18,9 +18,14 @@ log = logging.getLogger(__name__)
 def connect(settings: Settings, *, create_database: bool = True) -> Any:
     """A clickhouse-connect client bound to the ledger's database.
 
-    `chdb://DIR` opens the embedded engine: only ONE process may open DIR.
+    `chdb://DIR` opens the embedded engine: only ONE process may open DIR. `relay://…` reaches the engine
+    another process opened (the embedded system's sink; spendledger.chdb_relay), already migrated.
     """
     dsn = settings.clickhouse_dsn.get_secret_value()
+    if settings.is_relayed_clickhouse:
+        from spendledger.chdb_relay import RelayClient
+
+        return RelayClient(dsn)
     try:
         if create_database:
             bootstrap = clickhouse_connect.get_client(dsn=dsn)

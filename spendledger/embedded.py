@@ -1,4 +1,4 @@
-"""The embedded system: broker, topics, Faust worker(s), API (+ sink) as child processes.
+"""The embedded system: broker, topics, Faust worker(s), API and sink as child processes.
 
 Used by `spendledger up` and by the integration tests, so both run the same code.
 """
@@ -38,6 +38,7 @@ class EmbeddedSystem:
     port: int = 8000
     kafka_port: int = 19092
     worker_port: int = 0  # the first worker's; more workers (WORKER_PROCESSES) take free ports
+    sink_port: int = 0  # the sink's /healthz, /readyz and /metrics (0: a free port)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     say: Callable[[str], None] = print
     startup_timeout_s: float = 90.0
@@ -80,7 +81,14 @@ class EmbeddedSystem:
             # The broker forgets everything at a stop: the API keeps what it acknowledged here until it lands.
             env.setdefault(f"{ENV}JOURNAL_DIR", str((self.data_dir / "journal").resolve()))
         env.setdefault(f"{ENV}CLICKHOUSE_DSN", f"chdb://{(self.data_dir / 'clickhouse').resolve()}")
-        env[f"{ENV}EMBEDDED_SINK"] = "true"
+        self.sink_port = self.sink_port or _free_port(self.host)
+        sink_env = {f"{ENV}SINK_PORT": str(self.sink_port)}
+        if env[f"{ENV}CLICKHOUSE_DSN"].startswith("chdb://"):
+            # chDB lets one process open its data dir: the API opens it and lends it to the sink's process
+            # (spendledger.chdb_relay), whose work then never holds the API's GIL.
+            relay = f"relay://:{secrets.token_urlsafe(24)}@{self.host}:{_free_port(self.host)}"
+            env[f"{ENV}CLICKHOUSE_RELAY"] = relay
+            sink_env[f"{ENV}CLICKHOUSE_DSN"] = relay
         env[f"{ENV}API_HOST"] = self.host
         env[f"{ENV}API_PORT"] = str(self.port)
         if self.worker_port == 0:
@@ -104,9 +112,15 @@ class EmbeddedSystem:
         for name, port in self.worker_ports.items():
             worker_dir = str((self.data_dir / name).resolve())
             self._spawn(name, {f"{ENV}WORKER_WEB_PORT": str(port), f"{ENV}WORKER_DATA_DIR": worker_dir})
-        self._step("starting the API and the sink (migrating ClickHouse)")
+        self._step("starting the API (migrating ClickHouse)")
         self._spawn("api")
-        self._wait_ready()
+        checks = {"api": f"{self.api_url}/readyz"}
+        self._wait_ready(
+            checks | {n: f"http://{self.host}:{p}/healthz" for n, p in self.worker_ports.items()}
+        )
+        self._step("starting the sink")
+        self._spawn("sink", sink_env)
+        self._wait_ready({"sink": f"http://{self.host}:{self.sink_port}/readyz"})
 
     def _lock_data_dir(self) -> None:
         """One system per data dir: a second `up` would replay and prune the first one's journal."""
@@ -179,12 +193,8 @@ class EmbeddedSystem:
                 start_new_session=True,
             )
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, checks: dict[str, str]) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        checks = {"api": f"{self.api_url}/readyz"}
-        checks.update(
-            {name: f"http://{self.host}:{port}/healthz" for name, port in self.worker_ports.items()}
-        )
         pending = dict(checks)
         while pending:
             for name, url in list(pending.items()):
@@ -272,7 +282,7 @@ class EmbeddedSystem:
         return thread
 
     def stop(self, drain_timeout_s: float | None = None) -> int:
-        """Drain (see `drain`), then stop the API (and its sink), the worker and the broker: each SIGTERM,
+        """Drain (see `drain`), then stop the sink, the API, the worker(s) and the broker: each SIGTERM,
         then SIGKILL. Returns the messages left unprocessed when the drain gave up (0: all landed)."""
         self._stopping.set()
         left = self.drain(drain_timeout_s) if drain_timeout_s else 0
@@ -331,7 +341,8 @@ class EmbeddedSystem:
         return left
 
     def _stop_children(self) -> None:
-        for name in ["api", *self.worker_ports]:
+        # The sink first, while the API still lends it the engine to land its last batch.
+        for name in ["sink", "api", *self.worker_ports]:
             child = self.children.get(name)
             if child is not None:
                 _terminate(child, 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -20,7 +21,8 @@ def build_sink(settings: Settings) -> Any:
     from processors.sink import ClickHouseStore, Sink
 
     client = connect(settings)
-    migrate(client)
+    if not settings.is_relayed_clickhouse:  # the engine's owner migrated it
+        migrate(client)
     return Sink(settings, ClickHouseStore(client))
 
 
@@ -49,7 +51,9 @@ def build_query_engine(settings: Settings, client: Any | None = None) -> Any:
 
 
 def run_api(settings: Settings) -> None:
-    """Serve the API with uvicorn; in embedded mode also host the sink (chDB allows one process).
+    """Serve the API with uvicorn. With `CLICKHOUSE_RELAY` (the embedded system) it lends its chDB engine
+    to the sink's process (chDB allows one process per data dir); with `EMBEDDED_SINK` it runs the sink
+    as a thread of its own instead.
 
     SIGUSR1 starts draining (new events get 503 with Retry-After; `up` sends it before it waits
     for the pipeline to empty). SIGTERM drains for `api_drain_grace_s`, then stops.
@@ -58,8 +62,8 @@ def run_api(settings: Settings) -> None:
 
     import uvicorn
 
-    # The ingest and sink threads hold the GIL most of the time under load; a short switch
-    # interval hands it to the event loop (and /v1/check) sooner.
+    # Threads that hold the GIL under load (an EMBEDDED_SINK, the journal's pruner) hand it to the
+    # event loop (and /v1/check) sooner with a short switch interval.
     sys.setswitchinterval(settings.api_switch_interval_s)
     draining = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: draining.set())  # first: `up` may drain a starting API
@@ -87,6 +91,14 @@ def run_api(settings: Settings) -> None:
         draining=draining,
     )
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]
+    relay = settings.clickhouse_relay
+    if relay is not None:  # the embedded system's sink process lands through the API's engine
+        from spendledger.chdb_relay import RelayAddress, RelayServer
+
+        server = RelayServer(
+            connect(settings, create_database=False), RelayAddress.parse(relay.get_secret_value())
+        )
+        services.on_shutdown.insert(0, server.start().stop)  # shutdown runs the list backwards: last
     if settings.embedded_sink:
         sink = build_sink(settings)
         thread = threading.Thread(target=sink.run, name="sink", daemon=True)
@@ -221,7 +233,10 @@ def run_sink(settings: Settings) -> None:
     sink = build_sink(settings)
 
     def status() -> tuple[int, bytes]:
-        return (200, b'{"status":"ok"}') if sink.healthy else (503, b'{"status":"flush_failing"}')
+        stuck = sink.stuck_reason
+        if stuck is None and sink.healthy:
+            return 200, b'{"status":"ok"}'
+        return 503, json.dumps({"status": "flush_failing", "stuck": stuck}).encode()
 
     server = serve_health(settings.api_host, settings.sink_port, status)
     signal.signal(signal.SIGTERM, lambda *_: sink.stop())

@@ -148,7 +148,12 @@ class Settings(BaseSettings):
     )
     coverage_alert_pct: Decimal = Field(default=Decimal(95), ge=0, le=100)
     report_max_groups: int = Field(default=10_000, ge=1, description="groups a report lists at most")
-    embedded_sink: bool = False
+    embedded_sink: bool = Field(default=False, description="run the sink as a thread of the API's process")
+    clickhouse_relay: SecretStr | None = Field(
+        default=None,
+        description="embedded: lend the API's chDB engine to a sink process at this relay DSN "
+        "(relay://:TOKEN@127.0.0.1:PORT, spendledger.chdb_relay)",
+    )
     api_url: str | None = None
     journal_dir: Path | None = Field(
         default=None,
@@ -337,6 +342,11 @@ class Settings(BaseSettings):
     @property
     def is_embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn.get_secret_value().startswith("chdb://")
+
+    @property
+    def is_relayed_clickhouse(self) -> bool:
+        """The engine is another process's, reached through its relay (the embedded system's sink)."""
+        return self.clickhouse_dsn.get_secret_value().startswith("relay://")
 
     def producer_key_list(self) -> list[str]:
         return _split(self.producer_keys)

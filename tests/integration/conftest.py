@@ -74,7 +74,7 @@ def running_system(tmp_path_factory: Any, **settings: str) -> Iterator[Ledger]:
         yield Ledger(system)
     finally:
         system.stop()
-        for name in ("api", *system.worker_ports):
+        for name in ("api", "sink", *system.worker_ports):
             log = system.log_dir / f"{name}.log"
             if log.exists():
                 tail = log.read_text(errors="replace")[-3000:]

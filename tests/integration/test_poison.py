@@ -4,6 +4,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
@@ -181,3 +182,5 @@ def test_poison_values_beside_valid_events_are_rejected_alone_and_the_valid_ones
     )
     r = ledger.http.get("/readyz")
     assert "stuck" not in r.json(), r.text
+    r = httpx.get(f"http://{ledger.system.host}:{ledger.system.sink_port}/readyz")
+    assert r.json() == {"status": "ok"}, r.text
