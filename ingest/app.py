@@ -122,7 +122,7 @@ class Metrics:
         self.check_seconds = Histogram(
             "spendledger_check_seconds",
             "/v1/check, from its request reaching the API to its answer sent",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
 
