@@ -7,6 +7,6 @@ COPY ledger ./ledger
 COPY ingest ./ingest
 COPY processors ./processors
 COPY spendledger ./spendledger
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[server]'
 USER nobody
 ENTRYPOINT ["spendledger"]

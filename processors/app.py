@@ -26,19 +26,10 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from ledger import (
-    Attributor,
-    JoinedCall,
-    JoinTimeouts,
-    PendingCall,
-    PriceBook,
-    next_tick_ms,
-    on_event,
-    on_tick,
-)
+from ledger.attribute import Attributor
 from ledger.budgets import budget_keys, spend_time
-from ledger.join import JoinStep
-from ledger.pricing import parse_price_overrides
+from ledger.join import JoinedCall, JoinStep, JoinTimeouts, PendingCall, next_tick_ms, on_event, on_tick
+from ledger.pricing import PriceBook, parse_price_overrides
 from processors import metrics, rebalance
 from processors.alerts import install_alert_delivery
 from processors.budgets import (

@@ -22,13 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ledger.tags import AttributionPolicy, normalize
 from schemas.budgets import BlockSignal
-from spendledger.settings import Settings
+
+if TYPE_CHECKING:
+    from spendledger.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,9 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ledger.tags import ATTRIBUTION_HEADER_PREFIXES
 from spendledger.sdk.capture import capture_scope
 from spendledger.sdk.client import EventSink, completed_event
-from spendledger.sdk.context import Attribution, attribution_scope
+from spendledger.sdk.context import ATTRIBUTION_HEADER_PREFIXES, Attribution, attribution_scope
 
 log = logging.getLogger("spendledger.sdk")
 

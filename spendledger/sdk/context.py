@@ -21,6 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
+# The headers that carry attribution (ledger.tags.ATTRIBUTION_HEADER_PREFIXES; a test holds them equal).
+ATTRIBUTION_HEADER_PREFIXES = ("x-anyapi-", "xproxy-", "x-litellm-")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from ingest.app import Services, create_app
 from ingest.publisher import InMemoryPublisher
-from ledger import Attributor, PendingCall, PriceBook, on_event, on_tick
+from ledger.attribute import Attributor
+from ledger.join import PendingCall, on_event, on_tick
+from ledger.pricing import PriceBook
 from processors.app import raw_events, tag_spend_entries
 from processors.deadletter import dead_letter, describe
 from processors.sink import ClickHouseStore, Message, Sink

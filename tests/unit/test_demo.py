@@ -3,8 +3,7 @@
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from ledger import AttributionPolicy
-from ledger.tags import normalize
+from ledger.tags import AttributionPolicy, normalize
 from schemas.events import EventBatch
 from spendledger.demo import events
 

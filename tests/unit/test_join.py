@@ -82,8 +82,10 @@ def test_state_round_trips():
 
 
 def test_request_only_record_is_unpriced_with_split_model():
-    from ledger import AttributionPolicy, Attributor, PriceBook
+    from ledger.attribute import Attributor
     from ledger.join import JoinedCall
+    from ledger.pricing import PriceBook
+    from ledger.tags import AttributionPolicy
 
     request = {
         "kind": "request",
@@ -115,8 +117,10 @@ def test_request_only_record_is_unpriced_with_split_model():
 def test_completed_without_usage_is_unpriced_only_when_cut_short(usage, status, cost, source):
     from decimal import Decimal
 
-    from ledger import AttributionPolicy, Attributor, PriceBook
+    from ledger.attribute import Attributor
     from ledger.join import JoinedCall
+    from ledger.pricing import PriceBook
+    from ledger.tags import AttributionPolicy
 
     event = {
         "kind": "completed",
