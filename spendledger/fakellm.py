@@ -1,4 +1,5 @@
-"""A local stand-in for the OpenAI and Anthropic HTTP APIs (the only stand-in in the SDK tests).
+"""A local stand-in for the OpenAI and Anthropic HTTP APIs, to try the SDK and the LiteLLM plugin without a
+provider key: `python -m spendledger.fakellm [--port 8100]` (the only stand-in in the SDK tests).
 
 The real `openai` and `anthropic` client libraries talk to it over HTTP. It
 answers chat completions, responses, embeddings and messages, streamed (SSE)
@@ -8,6 +9,7 @@ name starts with `fail` gets a 500.
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -45,13 +47,13 @@ ANTHROPIC_USAGE = {**ANTHROPIC_START_USAGE, "output_tokens": 200}
 class FakeLLM:
     """`with FakeLLM() as llm:` serves on `llm.url` (`/v1/...`) until the block ends."""
 
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)  # the latest
         self._counter = 0
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer((host, port), self._handler())
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.url = f"http://{host}:{self.server.server_address[1]}/v1"
 
     def __enter__(self) -> FakeLLM:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -255,3 +257,26 @@ class FakeLLM:
             yield "message_stop", {"type": "message_stop"}
 
         return events()
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="A fake OpenAI / Anthropic API with fixed usage, on loopback."
+    )
+    parser.add_argument("--port", type=int, default=8100)
+    args = parser.parse_args()
+    fake = FakeLLM(port=args.port)
+    print(
+        f"fake LLM on {fake.url} (OpenAI: /chat/completions, /responses, /embeddings; Anthropic: /messages)"
+    )
+    print("every call uses 1,000 input and 200 output tokens; a model named fail… answers 500; Ctrl-C stops")
+    try:
+        fake.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

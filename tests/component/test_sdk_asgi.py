@@ -13,9 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from schemas.budgets import BlockSignal
+from spendledger.fakellm import CHAT_USAGE, PROMPT, FakeLLM
 from spendledger.guard import BudgetGuard
 from spendledger.sdk import MemoryClient, SpendLedgerMiddleware, instrument
-from tests.fakellm import CHAT_USAGE, PROMPT, FakeLLM
 
 HEADERS = {
     "Authorization": "Bearer sk-caller-secret",

@@ -17,12 +17,14 @@ import anthropic
 import openai
 import pytest
 
-from ledger import AttributionPolicy, Attributor, PriceBook
+from ledger.attribute import Attributor
 from ledger.join import JoinedCall
+from ledger.pricing import PriceBook
+from ledger.tags import AttributionPolicy
 from schemas.budgets import BlockSignal
+from spendledger.fakellm import ANTHROPIC_START_USAGE, CHAT_USAGE, PROMPT, FakeLLM
 from spendledger.guard import BudgetGuard
 from spendledger.sdk import BudgetExceededError, MemoryClient, SpendClient, instrument, track, track_context
-from tests.fakellm import ANTHROPIC_START_USAGE, CHAT_USAGE, PROMPT, FakeLLM
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 CLAUDE = "claude-haiku-4-5"

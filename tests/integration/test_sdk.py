@@ -19,8 +19,8 @@ import openai
 import pytest
 from fastapi import FastAPI, Request
 
+from spendledger.fakellm import PROMPT, FakeLLM
 from spendledger.sdk import SpendClient, SpendLedgerMiddleware, budget_guard, instrument, track, track_context
-from tests.fakellm import PROMPT, FakeLLM
 from tests.integration.conftest import Ledger
 
 pytestmark = pytest.mark.integration
