@@ -1,0 +1,1 @@
+"""Plugins for the gateways users already run (client side: they import nothing of the server)."""
