@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev]'
 	@touch $(STAMP)
 
+# make run PORT=8001 KAFKA_PORT=19093 (DATA_DIR=…): another system beside the first.
+PORT ?= 8000
+KAFKA_PORT ?= 19092
+DATA_DIR ?= .spendledger
 run: $(STAMP)
-	$(BIN)/spendledger up
+	$(BIN)/spendledger up --port $(PORT) --kafka-port $(KAFKA_PORT) --data-dir $(DATA_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,10 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the embedded system (broker, worker, API, sink) in the foreground")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--kafka-port", type=int, default=19092)
-    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    up.add_argument(
+        "--host", default="127.0.0.1", help="the address every part listens on (default 127.0.0.1)"
+    )
+    up.add_argument("--port", type=int, default=8000, help="the API's and dashboard's port (default 8000)")
+    up.add_argument(
+        "--kafka-port", type=int, default=19092, help="the embedded Kafka broker's port (default 19092)"
+    )
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"where the ledger, the journal, the dev keys and the logs are kept (default {DEFAULT_DATA_DIR})",
+    )
 
     sql = sub.add_parser("sql", help="run a read-only ClickHouse query")
     sql.add_argument("query")
@@ -164,10 +173,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     bootstrap = system.child_env["SPENDLEDGER_KAFKA_BOOTSTRAP"]
     (args.data_dir / RUNNING_FILE).write_text(system.api_url)
     _say(f"API:        {system.api_url}  (docs at {system.api_url}/docs)")
+    dashboard = f"{system.api_url}/ui" + (f"#key={system.analyst_key}" if system.dev_keys else "")
+    _say(f"Dashboard:  {dashboard}")
     _say(f"Kafka:      {bootstrap}")
     _say(f"ClickHouse: {system.child_env['SPENDLEDGER_CLICKHOUSE_DSN']}")
     _say(f"Logs:       {system.log_dir}/")
     _say(f"ready in {time.monotonic() - started:.1f}s; Ctrl-C to stop")
+    if system.dev_keys:
+        _say("In another shell, for the README's examples and the SDK:")
+        _say(
+            f"  export SPENDLEDGER_URL={system.api_url} SPENDLEDGER_API_KEY={system.producer_key} "
+            f"PRODUCER_KEY={system.producer_key} ANALYST_KEY={system.analyst_key} ADMIN_KEY={system.admin_key}"
+        )
     # A child that exits is restarted with backoff; each exit and restart is printed
     # and written to logs/supervisor.log.
     system.start_supervisor()
@@ -297,17 +314,36 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     shown = time.monotonic()
                     _say(f"    {_bar(sent, args.events)} {sent:,} / {args.events:,} calls")
         _say("==> creating demo budgets")
+        admin_headers = {"Authorization": f"Bearer {admin}"}
         for budget in BUDGETS:
-            r = http.post("/tag/new", json=budget, headers={"Authorization": f"Bearer {admin}"})
-            state = {200: "created", 409: "already there"}.get(r.status_code, f"HTTP {r.status_code}")
-            _say(f"    {budget['name']}: ${budget['max_budget']} per {budget['budget_duration']} ({state})")
+            r = http.post("/tag/new", json=budget, headers=admin_headers)
+            if r.status_code == 200:
+                _say(
+                    f"    {budget['name']}: ${budget['max_budget']} per {budget['budget_duration']} (created)"
+                )
+            elif r.status_code == 409:  # someone's own budget: say what it is, and keep it
+                kept = http.get("/tag/info", params={"names": str(budget["name"])}, headers=admin_headers)
+                info = kept.json().get(budget["name"], {}) if kept.status_code == 200 else {}
+                what = f"${info.get('max_budget')} per {info.get('budget_duration')}" if info else "a budget"
+                _say(f"    {budget['name']}: already there ({what}), kept as it is")
+            else:
+                _say(f"    {budget['name']}: not created (HTTP {r.status_code}: {r.text[:200]})")
+    command = _command()
     _say(f"sent {sent:,} calls in {time.monotonic() - started:.1f}s; they land within a few seconds")
     _say(f"  dashboard: {api_url}/ui")
     _say(f"  reports:   {api_url}/docs#/analytics")
-    _say(
-        '  try:       spendledger sql "SELECT team, count(), sum(cost_usd) FROM spend_records GROUP BY team"'
-    )
+    query = "SELECT team, count(), sum(cost_usd) FROM spend_records GROUP BY team"
+    _say(f'  try:       {command} sql "{query}"')
     return 0
+
+
+def _command() -> str:
+    """How this command was started (`.venv/bin/spendledger`, `python -m spendledger`), for hints to copy."""
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "spendledger":
+        return program
+    python = os.path.relpath(sys.executable)
+    return f"{sys.executable if python.startswith('..') else python} -m spendledger"
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:

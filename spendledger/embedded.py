@@ -50,6 +50,7 @@ class EmbeddedSystem:
     producer_key: str = field(default="", init=False)
     analyst_key: str = field(default="", init=False)
     admin_key: str = field(default="", init=False)
+    dev_keys: bool = field(default=False, init=False)  # generated here (printable), not the operator's
     policy: RestartPolicy = field(default_factory=RestartPolicy, init=False)
     failed: str | None = field(default=None, init=False)  # why supervision gave up
     _child_env: dict[str, dict[str, str]] = field(default_factory=dict, init=False)
@@ -171,6 +172,7 @@ class EmbeddedSystem:
                 with os.fdopen(fd, "w") as out:
                     out.write(json.dumps(kept))
                 os.replace(fresh, path)
+            self.dev_keys = not any(configured.values())
             self.say(f"    dev keys (kept in {path}):")
             for scope, value in configured.items():
                 configured[scope] = value or kept[scope]

@@ -90,6 +90,10 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         "SPENDLEDGER_PRODUCER_KEYS": ledger.system.producer_key,
         "SPENDLEDGER_ADMIN_KEYS": ledger.system.admin_key,
     }
+    # Someone's own budget under a name the demo uses: the demo says what it is and keeps it.
+    own = {"name": "team:support", "max_budget": 100, "budget_duration": "1mo"}
+    r = ledger.http.post("/tag/new", json=own, headers={"Authorization": f"Bearer {ledger.system.admin_key}"})
+    assert r.status_code == 200, r.text
     demo = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "spendledger", "demo", "--events", "3000", "--api-url", ledger.system.api_url],
         env=env,
@@ -101,6 +105,9 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
     )
     assert demo.returncode == 0, demo.stderr
     assert "3,000 / 3,000 calls" in demo.stdout and "team:search" in demo.stdout  # progress and budgets
+    assert "team:support: already there ($100 per 1mo), kept as it is" in demo.stdout, demo.stdout
+    python = os.path.relpath(sys.executable, ROOT)
+    assert f'{python} -m spendledger sql "SELECT' in demo.stdout  # a hint that runs as printed, from the repo
     ledger.wait_for(
         "SELECT count() FROM spend_records WHERE startsWith(event_id, 'evt_demo_')", lambda r: r[0][0] >= 3000
     )
