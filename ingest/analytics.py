@@ -73,8 +73,22 @@ ROLLUP_SUMS = (
 ROLLUP_RANGE = "day >= toDate(%(start)s) AND day < toDate(%(end)s)"
 
 
-def where(app_id: str | None, *, rollup: bool = False) -> str:
-    return (ROLLUP_RANGE if rollup else RANGE) + (" AND app_id = %(app_id)s" if app_id else "")
+# Columns a report may be narrowed to one value of ("" is the untagged bucket); all are in the rollup.
+FILTER_COLUMNS = ("app_id", "team", "environment", "feature", "project", "tenant_id", "region", "provider",
+                  "model", "status")  # fmt: skip
+Filters = Mapping[str, str]
+
+
+def where(filters: Filters, *, rollup: bool = False) -> str:
+    unknown = sorted(set(filters) - set(FILTER_COLUMNS))
+    if unknown:
+        raise ValueError(f"not a report filter: {unknown}")
+    narrowed = "".join(f" AND {column} = %(f_{column})s" for column in sorted(filters))
+    return (ROLLUP_RANGE if rollup else RANGE) + narrowed
+
+
+def filter_parameters(filters: Filters) -> dict[str, str]:
+    return {f"f_{column}": value for column, value in filters.items()}
 
 
 def use_rollup(span: DateRange, columns: Sequence[str]) -> bool:
@@ -94,7 +108,7 @@ def _known(columns: Sequence[str]) -> None:
         raise ValueError(f"not a report column: {unknown}")
 
 
-def grouped_sql(columns: Sequence[str], app_id: str | None, limit: int, *, rollup: bool = False) -> str:
+def grouped_sql(columns: Sequence[str], filters: Filters, limit: int, *, rollup: bool = False) -> str:
     """Sums per group of `columns` (an empty list: one row of totals), from the records or the rollup."""
     _known(columns)
     if rollup and not set(columns) <= ROLLUP_COLUMNS:
@@ -102,10 +116,10 @@ def grouped_sql(columns: Sequence[str], app_id: str | None, limit: int, *, rollu
     table, sums = ("spend_daily", ROLLUP_SUMS) if rollup else ("spend_records", SUMS)
     expressions = _ROLLUP_EXPRESSIONS if rollup else _EXPRESSIONS
     if not columns:
-        return f"SELECT {sums} FROM {table} WHERE {where(app_id, rollup=rollup)}"  # noqa: S608 - see _ALLOWED
+        return f"SELECT {sums} FROM {table} WHERE {where(filters, rollup=rollup)}"  # noqa: S608 - see _ALLOWED
     select = ", ".join(expressions.get(c, c) for c in columns)
     return (
-        f"SELECT {select}, {sums} FROM {table} WHERE {where(app_id, rollup=rollup)} "  # noqa: S608 - see _ALLOWED
+        f"SELECT {select}, {sums} FROM {table} WHERE {where(filters, rollup=rollup)} "  # noqa: S608 - see _ALLOWED
         f"GROUP BY {', '.join(columns)} ORDER BY cost DESC, requests DESC LIMIT {int(limit)}"
     )
 
@@ -118,7 +132,7 @@ def app_names_sql() -> str:
     )
 
 
-def coverage_sql(columns: Sequence[tuple[str, str]], app_id: str | None) -> str:
+def coverage_sql(columns: Sequence[tuple[str, str]], filters: Filters) -> str:
     """(dimension, value, requests, cost) for every value of every dimension, in one pass."""
     _known([column for _, column in columns])
     if not all(d in COVERAGE_COLUMNS for d, _ in columns):
@@ -127,7 +141,7 @@ def coverage_sql(columns: Sequence[tuple[str, str]], app_id: str | None) -> str:
     return (
         "SELECT pair.1 AS dimension, pair.2 AS value, count() AS requests, "  # noqa: S608 - see _ALLOWED
         "sum(ifNull(cost_usd, toDecimal128(0, 12))) AS cost "
-        f"FROM spend_records ARRAY JOIN [{pairs}] AS pair WHERE {where(app_id)} "
+        f"FROM spend_records ARRAY JOIN [{pairs}] AS pair WHERE {where(filters)} "
         "GROUP BY dimension, value"
     )
 
@@ -184,6 +198,36 @@ class AllocationRequest(BaseModel):
     group_by: list[str] = Field(default_factory=lambda: ["app_id", "model"], max_length=4)
     metrics: list[str] | None = Field(default=None, max_length=10)
     app_id: str | None = None
+    team: str | None = None
+    environment: str | None = None
+    feature: str | None = None
+    project: str | None = None
+    tenant_id: str | None = None
+    region: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    status: str | None = None
+
+    def filters(self) -> dict[str, str]:
+        return {c: v for c in FILTER_COLUMNS if (v := getattr(self, c)) is not None}
+
+
+def report_filters(
+    app_id: str | None = None,
+    team: str | None = None,
+    environment: str | None = None,
+    feature: str | None = None,
+    project: str | None = None,
+    tenant_id: str | None = None,
+    region: str | None = None,
+    provider: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+) -> dict[str, str]:
+    """Query parameters that narrow a report to one value of a column (an empty value: the untagged)."""
+    given = dict(app_id=app_id, team=team, environment=environment, feature=feature, project=project,
+                 tenant_id=tenant_id, region=region, provider=provider, model=model, status=status)  # fmt: skip
+    return {column: value for column, value in given.items() if value is not None}
 
 
 def create_router(
@@ -197,6 +241,7 @@ def create_router(
 ) -> APIRouter:
     router = APIRouter(tags=["analytics"], default_response_class=ExactJSONResponse)
     Reader = Annotated[Any, Depends(require_read)]
+    Narrowed = Annotated[dict[str, str], Depends(report_filters)]
 
     async def query(sql: str, parameters: Mapping[str, Any]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(store.rows, sql, parameters)
@@ -208,15 +253,15 @@ def create_router(
             raise InvalidReport(str(exc)) from exc
 
     async def grouped(
-        span: DateRange, columns: Sequence[str], app_id: str | None
+        span: DateRange, columns: Sequence[str], filters: Filters
     ) -> tuple[Sums, list[dict[str, Any]], bool, str]:
         """(totals, rows per group, truncated, source table)."""
-        parameters = range_parameters(span, app_id=app_id)
+        parameters = range_parameters(span, **filter_parameters(filters))
         rollup = use_rollup(span, columns)
-        rows = await query(grouped_sql(columns, app_id, max_groups, rollup=rollup), parameters)
+        rows = await query(grouped_sql(columns, filters, max_groups, rollup=rollup), parameters)
         truncated = len(rows) >= max_groups
         if truncated:  # the listed groups are not all: ask for the whole totals
-            sums = Sums.of((await query(grouped_sql([], app_id, max_groups, rollup=rollup), parameters))[0])
+            sums = Sums.of((await query(grouped_sql([], filters, max_groups, rollup=rollup), parameters))[0])
         else:
             sums = total(Sums.of(row) for row in rows)
         return sums, rows, truncated, "spend_daily" if rollup else "spend_records"
@@ -227,15 +272,17 @@ def create_router(
     @router.get("/v1/analytics/usage", responses={400: {}})
     async def usage(
         _: Reader,
-        app_id: str | None = None,
+        filters: Narrowed,
         start_date: str | None = None,
         end_date: str | None = None,
         group_by: Annotated[list[str] | None, Query()] = None,
     ) -> ExactJSONResponse:
-        """Totals over the range (requests, cost, tokens, average latency, success rate) and a breakdown."""
+        """Totals over the range (requests, cost, tokens, average latency, success rate) and a breakdown.
+        `app_id`, `team`, `environment`, `feature`, `project`, `tenant_id`, `region`, `provider`, `model`
+        and `status` narrow it to one value each (empty: the untagged)."""
         span = checked(lambda: date_range(start_date, end_date, now=clock()))
         columns = checked(lambda: group_columns(group_by or [], default=["date"]))
-        sums, rows, truncated, source = await grouped(span, columns, app_id)
+        sums, rows, truncated, source = await grouped(span, columns, filters)
         breakdown = []
         for row in rows:
             entry = {c: group_value(c, row[c]) for c in columns}
@@ -244,7 +291,7 @@ def create_router(
             entry["success_rate"] = group.success_rate
             breakdown.append(entry)
         return ExactJSONResponse(
-            header(span, app_id=app_id, group_by=columns)
+            header(span, app_id=filters.get("app_id"), filters=filters, group_by=columns)
             | {
                 "total_requests": sums.requests,
                 "total_cost": sums.cost_usd,
@@ -264,14 +311,14 @@ def create_router(
         span = checked(lambda: date_range(body.start_date, body.end_date, now=clock()))
         columns = checked(lambda: group_columns(body.group_by, default=["app_id", "model"]))
         metrics = checked(lambda: metric_names(body.metrics))
-        sums, rows, truncated, source = await grouped(span, columns, body.app_id)
+        sums, rows, truncated, source = await grouped(span, columns, body.filters())
         names: dict[str, str] = {}
         if "app_id" in columns:
             found = await query(app_names_sql(), range_parameters(span))
             names = {str(r["app_id"]): str(r["name"]) for r in found}
 
         return ExactJSONResponse(
-            header(span, group_by=columns, metrics=metrics)
+            header(span, filters=body.filters(), group_by=columns, metrics=metrics)
             | metrics_of(sums, metrics, prefix="total_")
             | {
                 PLURALS[columns[0]]: allocation(rows, columns, metrics, names),
@@ -305,15 +352,17 @@ def create_router(
     @router.get("/v1/analytics/coverage", responses={400: {}})
     async def coverage(
         _: Reader,
+        filters: Narrowed,
         start_date: str | None = None,
         end_date: str | None = None,
-        app_id: str | None = None,
         dimensions: str | None = None,
     ) -> ExactJSONResponse:
         """For each required dimension: the share of requests and cost that carries it, and the untagged bucket."""
         span = checked(lambda: date_range(start_date, end_date, now=clock()))
         columns = checked(lambda: coverage_columns((dimensions or ",".join(coverage_dimensions)).split(",")))
-        rows = await query(coverage_sql(columns, app_id), range_parameters(span, app_id=app_id))
+        rows = await query(
+            coverage_sql(columns, filters), range_parameters(span, **filter_parameters(filters))
+        )
         per_dimension: dict[str, list[tuple[str, int, Decimal]]] = {d: [] for d, _ in columns}
         for row in rows:
             per_dimension[row["dimension"]].append(
@@ -329,7 +378,7 @@ def create_router(
             for d, _ in columns
         ]
         return ExactJSONResponse(
-            header(span, app_id=app_id, alert_below_pct=coverage_alert_pct)
+            header(span, app_id=filters.get("app_id"), filters=filters, alert_below_pct=coverage_alert_pct)
             | {
                 "total": {"requests": requests, "cost": cost},
                 "alert": any(r["alert"] for r in reports),

@@ -328,3 +328,63 @@ async def test_a_range_of_part_days_is_summed_from_the_records_to_the_millisecon
         )
     }
     assert {t["team"]: (t["requests"], t["cost"]) for t in body["teams"]} == expected
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"team": "search"},
+        {"team": ""},  # the untagged bucket
+        {"team": "support", "environment": "production", "model": "gpt-4o"},
+        {"app_id": "search-api", "feature": "chat", "status": "error"},
+    ],
+)
+@pytest.mark.parametrize(
+    "span", [RANGE, {"start_date": "2026-11-01T06:00:00Z", "end_date": "2026-11-07T18:00:00Z"}]
+)
+async def test_every_report_narrows_to_a_filter_and_equals_spend_records(api, ledger_db, filters, span):
+    """The dashboard's filters and drill-down: usage, allocation and coverage with `team=…&model=…`, from the
+    rollup (whole days) and from the records (part days)."""
+    clause = " AND ".join(f"{c} = '{v}'" for c, v in filters.items())
+    start, end = (span[k].replace("T", " ").rstrip("Z") for k in ("start_date", "end_date"))
+    inside = f"occurred_at >= '{start}' AND occurred_at < '{end}' AND {clause}"
+    [(requests, cost)] = sql(
+        ledger_db, f"SELECT count(), sum(ifNull(cost_usd, 0)) FROM spend_records WHERE {inside}"
+    )
+    assert requests > 0, filters
+
+    usage = await api.get(
+        "/v1/analytics/usage", params={**span, **filters, "group_by": "model"}, headers=ADMIN
+    )
+    assert usage.status_code == 200, usage.text
+    body = exact(usage)
+    assert (body["total_requests"], body["total_cost"], body["filters"]) == (requests, cost, filters)
+    assert body["source"] == ("spend_daily" if span is RANGE else "spend_records")
+
+    allocation = await api.post(
+        "/v1/analytics/cost-allocation",
+        json={**span, **filters, "group_by": ["app_id", "model"], "metrics": ["requests", "cost"]},
+        headers=ADMIN,
+    )
+    assert allocation.status_code == 200, allocation.text
+    nested = exact(allocation)
+    per_model = dict(
+        ((a, m), (n, c))
+        for a, m, n, c in sql(
+            ledger_db,
+            f"SELECT app_id, model, count(), sum(ifNull(cost_usd, 0)) FROM spend_records WHERE {inside} GROUP BY 1, 2",
+        )
+    )
+    shown = {
+        (a["app_id"], m["model"]): (m["requests"], m["cost"]) for a in nested["apps"] for m in a["models"]
+    }
+    assert shown == per_model and nested["total_cost"] == cost
+
+    coverage = await api.get("/v1/analytics/coverage", params={**span, **filters}, headers=ADMIN)
+    assert coverage.status_code == 200, coverage.text
+    assert exact(coverage)["total"] == {"requests": requests, "cost": cost}
+
+
+async def test_a_filter_on_an_unknown_column_is_refused(api):
+    r = await api.post("/v1/analytics/cost-allocation", json={"user_id": "u1"}, headers=ADMIN)
+    assert r.status_code == 422

@@ -115,16 +115,20 @@ def test_coverage_splits_tagged_and_untagged_and_alerts_below_the_threshold():
 
 
 def test_report_sql_takes_identifiers_only_from_the_allowed_columns():
-    sql = grouped_sql(["date", "team"], "chat", 10)
-    assert "toDate(occurred_at) AS date" in sql and "app_id = %(app_id)s" in sql and "LIMIT 10" in sql
-    assert "FROM spend_daily" in grouped_sql(["date", "model"], None, 10, rollup=True)
+    sql = grouped_sql(["date", "team"], {"app_id": "chat"}, 10)
+    assert "toDate(occurred_at) AS date" in sql and "app_id = %(f_app_id)s" in sql and "LIMIT 10" in sql
+    assert "FROM spend_daily" in grouped_sql(["date", "model"], {}, 10, rollup=True)
     with pytest.raises(ValueError, match="not a report column"):
-        grouped_sql(["team; DROP TABLE spend_records"], None, 10)
+        grouped_sql(["team; DROP TABLE spend_records"], {}, 10)
     with pytest.raises(ValueError, match="rollup has no"):
-        grouped_sql(["user_id"], None, 10, rollup=True)
+        grouped_sql(["user_id"], {}, 10, rollup=True)
     assert "('team', team), ('env', environment)" in coverage_sql(
-        [("team", "team"), ("env", "environment")], None
+        [("team", "team"), ("env", "environment")], {}
     )
+    narrowed = grouped_sql(["model"], {"team": "search", "environment": ""}, 10)
+    assert "environment = %(f_environment)s AND team = %(f_team)s" in narrowed
+    with pytest.raises(ValueError, match="not a report filter"):
+        grouped_sql(["model"], {"user_id; DROP TABLE x": "a"}, 10)
 
 
 def test_the_rollup_answers_only_whole_days_over_its_columns():
