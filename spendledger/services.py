@@ -99,6 +99,17 @@ def run_api(settings: Settings) -> None:
             connect(settings, create_database=False), RelayAddress.parse(relay.get_secret_value())
         )
         services.on_shutdown.insert(0, server.start().stop)  # shutdown runs the list backwards: last
+    if journal is not None:
+        # Whoever lands the records (a sink process, or the thread below), the API prunes what landed.
+        pruner = JournalPruner(
+            journal,
+            connect(settings, create_database=False),
+            settings,
+            interval_s=settings.journal_prune_interval_s,
+            settle_s=settings.journal_settle_s,
+        )
+        pruner.start()
+        services.on_shutdown.append(pruner.stop)
     if settings.embedded_sink:
         sink = build_sink(settings)
         thread = threading.Thread(target=sink.run, name="sink", daemon=True)
@@ -109,11 +120,7 @@ def run_api(settings: Settings) -> None:
             sink.stop()
             thread.join(timeout=15)
 
-        if journal is not None:
-            # Shutdown runs these in reverse: the sink lands its last batch, then the last pruning pass.
-            pruner = JournalPruner(journal, connect(settings, create_database=False), settings)
-            pruner.start()
-            services.on_shutdown.append(pruner.stop)
+        # Shutdown runs on_shutdown backwards: the sink lands its last batch, then the last pruning pass.
         services.on_shutdown.append(stop_sink)
     config = uvicorn.Config(
         create_app(services),

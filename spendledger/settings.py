@@ -160,6 +160,17 @@ class Settings(BaseSettings):
         description="where the API keeps every acknowledged event until it lands (the embedded system "
         "sets it: its broker keeps nothing across a restart)",
     )
+    journal_prune_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often the API closes a journal segment and deletes those that landed",
+    )
+    journal_settle_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how long a segment's events stay landed before it is deleted (ClickHouse writes without "
+        "fsync; the kernel's writeback runs every 30 s)",
+    )
     api_drain_grace_s: float = Field(
         default=2.0,
         ge=0,

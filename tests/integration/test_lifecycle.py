@@ -298,3 +298,27 @@ def test_kill_9_of_everything_loses_nothing_acknowledged_and_budgets_agree_with_
         f"\nkill -9: {events:,} acknowledged, {landed_at_kill:,} landed when killed; restart "
         f"{restart_s:.1f} s; after it {totals(ledger, run)[0]:,} rows, total {total}, {team} blocked"
     )
+
+
+def test_the_journal_keeps_only_what_has_not_landed(tmp_path: Path) -> None:
+    """The API prunes its journal once the events in a segment landed (and settled), whoever lands them:
+    the sink runs in a process of its own. Before, nothing pruned it under `up` and it grew for ever."""
+    cycle = Lifecycle(tmp_path / "data", journal_prune_interval_s="1", journal_settle_s="1")
+    ledger = cycle.start()
+    try:
+        journal = cycle.data_dir / "journal"
+        run = f"jr{uuid.uuid4().hex[:8]}"
+        events = [{"kind": "completed", "request_id": f"{run}-{i}", "model": "openai/gpt-4o",
+                   "usage": {"prompt_tokens": 1000, "completion_tokens": 200}} for i in range(300)]  # fmt: skip
+        assert send_all(ledger, events, batch=100) == 300
+        written = sum(p.stat().st_size for p in journal.glob("raw-*.log"))
+        assert written > 0
+        wait_until(lambda: totals(ledger, run)[0] == 300, "the events to land")
+        # Landed and settled: every segment but the one being written is deleted.
+        wait_until(
+            lambda: sum(p.stat().st_size for p in journal.glob("raw-*.log")) == 0,
+            "the journal to be pruned",
+            30,
+        )
+    finally:
+        cycle.stop()
