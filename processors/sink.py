@@ -307,7 +307,7 @@ def _refused_rows(
         store.land(landing.part(table, start, end, f"{base}:{table}:{start}-{end}"), group)
         return []
     except Exception as exc:
-        if not store.ping():
+        if isinstance(exc, ConnectionError) or not store.ping():  # the store unreachable: never a bad row
             raise
         if end - start == 1:
             return [(start, exc)]

@@ -87,7 +87,9 @@ class EmbeddedSystem:
         if env[f"{ENV}CLICKHOUSE_DSN"].startswith("chdb://"):
             # chDB lets one process open its data dir: the API opens it and lends it to the sink's process
             # (spendledger.chdb_relay), whose work then never holds the API's GIL.
-            relay = f"relay://:{secrets.token_urlsafe(24)}@{self.host}:{_free_port(self.host)}"
+            from spendledger.chdb_relay import socket_path
+
+            relay = f"relay://:{secrets.token_urlsafe(24)}@unix{socket_path(self.data_dir)}"
             env[f"{ENV}CLICKHOUSE_RELAY"] = relay
             sink_env[f"{ENV}CLICKHOUSE_DSN"] = relay
         env[f"{ENV}API_HOST"] = self.host
