@@ -24,9 +24,11 @@ Events are queued and sent by a background thread: a ledger that is down slows n
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -48,6 +50,11 @@ log = logging.getLogger("spendledger.litellm")
 # Tags LiteLLM adds by itself (from the User-Agent header): not attribution.
 _LITELLM_OWN_TAG_PREFIXES = ("user-agent:",)
 _REFUSED_REMEMBERED = 10_000
+# Header names that carry a credential (`x-litellm-api-key`, …): never sent, whatever their prefix.
+_CREDENTIAL_HEADER = re.compile(r"key|auth|token|secret|password|passwd|cookie|credential|signature", re.I)
+# What `POST /v1/check` takes (more is a 422 the caller could provoke): the ledger counts 50 tags at most.
+_MAX_CHECK_TAGS, _MAX_MODEL_CHARS, _MAX_PROVIDER_CHARS, _MAX_USER_CHARS = 100, 256, 128, 256
+_MAX_RETRY_AFTER_S = 366 * 86_400
 
 
 class Refused(Exception):
@@ -61,7 +68,9 @@ class Refused(Exception):
 
 
 class HttpCheck:
-    """Asks `POST /v1/check`; any failure lets the call go ahead and pauses asking for `cooldown_s`."""
+    """Asks `POST /v1/check`. A ledger that is down, slow or failing (no answer, 5xx, a garbled answer)
+    lets the call go ahead and is not asked again for `cooldown_s`; a call the ledger cannot judge
+    (another 4xx) goes ahead alone, without pausing the checks of other calls."""
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class HttpCheck:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Any = time.monotonic,
     ) -> None:
+        self.timeout_s = timeout_s
         self._http = httpx.AsyncClient(
             base_url=url.rstrip("/"),
             timeout=timeout_s,
@@ -96,13 +106,22 @@ class HttpCheck:
         if now < self._paused_until:
             return None
         try:
-            response = await self._http.post("/v1/check", json=request)
+            # One deadline for the whole exchange (httpx's timeout applies to each phase of it).
+            response = await asyncio.wait_for(self._http.post("/v1/check", json=request), self.timeout_s)
+            if 400 <= response.status_code < 500:
+                log.warning(
+                    "spend ledger check refused this call's attribution (HTTP %d); it goes ahead",
+                    response.status_code,
+                )
+                return None
             response.raise_for_status()
-            answer: dict[str, Any] = response.json()
-        except Exception as exc:  # down, slow, refusing: the call goes ahead, unchecked
+            answer = decision(response.json())
+        except Exception as exc:  # down, slow, failing or garbled: calls go ahead, unchecked
             self._paused_until = now + self.cooldown_s
             log.warning(
-                "spend ledger check failed; calls go ahead unchecked for %.0f s: %s", self.cooldown_s, exc
+                "spend ledger check failed; calls go ahead unchecked for %.0f s: %s",
+                self.cooldown_s,
+                type(exc).__name__,
             )
             return None
         self._cache[key] = (now, answer)
@@ -114,11 +133,14 @@ class HttpCheck:
 class GuardCheck:
     """Answers from the budget-block topic in memory (BudgetGuard); no request per call."""
 
-    def __init__(self, bootstrap: str, topic_prefix: str = "") -> None:
+    def __init__(self, bootstrap: str, topic_prefix: str = "", user_id_hmac_key: str | None = None) -> None:
+        from ledger.tags import AttributionPolicy
         from spendledger.guard import BudgetGuard
 
+        # The server's user-id pseudonyms, so `user:` budgets match (SPENDLEDGER_USER_ID_HMAC_KEY).
+        policy = AttributionPolicy(user_id_hmac_key=user_id_hmac_key.encode() if user_id_hmac_key else None)
         self.guard = BudgetGuard(
-            {"bootstrap.servers": bootstrap}, f"{topic_prefix}spend.budget-blocks"
+            {"bootstrap.servers": bootstrap}, f"{topic_prefix}spend.budget-blocks", policy=policy
         ).start()
 
     async def check(self, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -156,12 +178,12 @@ class SpendLedgerHandler(CustomLogger):
             return data
         try:
             answer = await self.checker.check(check_request(data))
+            if answer is None or answer["allowed"]:
+                return data
+            refusal = Refused(answer["blocked_by"], retry_after(answer))
         except Exception:  # a bug here must not fail the call
             log.exception("spend ledger check raised; the call goes ahead")
             return data
-        if answer is None or answer.get("allowed", True):
-            return data
-        refusal = Refused(list(answer.get("blocked_by") or []), retry_after(answer))
         call_id = data.get("litellm_call_id")
         if isinstance(call_id, str):
             self._refused[call_id] = None
@@ -199,21 +221,32 @@ class SpendLedgerHandler(CustomLogger):
 
 
 def check_request(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The `/v1/check` body for a request the proxy is about to send (its `data` in the pre-call hook)."""
+    """The `/v1/check` body for a request the proxy is about to send (its `data` in the pre-call hook),
+    held inside what the endpoint takes."""
     metadata = data.get("metadata") if isinstance(data.get("metadata"), Mapping) else {}
     request: dict[str, Any] = {
         "headers": attribution_headers(_request_headers(data)),
-        "tags": own_tags((metadata or {}).get("tags")),
+        "tags": own_tags((metadata or {}).get("tags"))[:_MAX_CHECK_TAGS],
     }
     user = data.get("user")
     if isinstance(user, str) and user:
-        request["user"] = user
+        request["user"] = user[:_MAX_USER_CHARS]
     model = deployment_model(data.get("model"))
     if model:
-        request["model"] = model
+        request["model"] = model[:_MAX_MODEL_CHARS]
         if "/" in model:
-            request["provider"] = model.split("/", 1)[0]
+            request["provider"] = model.split("/", 1)[0][:_MAX_PROVIDER_CHARS]
     return request
+
+
+def decision(answer: Any) -> dict[str, Any]:
+    """The ledger's answer, checked: `allowed` and, when not, the blocks (ValueError otherwise)."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("allowed"), bool):
+        raise ValueError("the check's answer has no `allowed`")
+    blocked = answer.get("blocked_by") or []
+    if not isinstance(blocked, list) or not all(isinstance(b, dict) for b in blocked):
+        raise ValueError("the check's `blocked_by` is not a list of blocks")
+    return {**answer, "blocked_by": blocked}
 
 
 def call_event(kwargs: Mapping[str, Any], status: str) -> dict[str, Any] | None:
@@ -258,9 +291,9 @@ def call_event(kwargs: Mapping[str, Any], status: str) -> dict[str, Any] | None:
     headers = attribution_headers(
         _request_headers({"proxy_server_request": (params or {}).get("proxy_server_request")})
     )
-    for name, value in (((metadata or {}).get("requester_custom_headers")) or {}).items():
-        if str(name).lower().startswith(ATTRIBUTION_HEADER_PREFIXES):
-            headers.setdefault(str(name).lower(), str(value))
+    custom = (metadata or {}).get("requester_custom_headers")
+    for name, value in attribution_headers(custom if isinstance(custom, Mapping) else {}).items():
+        headers.setdefault(name, value)
     if headers:
         event["headers"] = headers
     tags = own_tags(slo.get("request_tags"))
@@ -299,10 +332,12 @@ def usage_of(slo: Mapping[str, Any], usage: Any) -> dict[str, int]:
 
 
 def attribution_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """The attribution headers (`X-AnyAPI-*`, `xProxy-*`, `x-litellm-*`), never one naming a credential."""
     return {
         str(name).lower(): str(value)
         for name, value in headers.items()
         if str(name).lower().startswith(ATTRIBUTION_HEADER_PREFIXES)
+        and not _CREDENTIAL_HEADER.search(str(name))
     }
 
 
@@ -314,16 +349,19 @@ def own_tags(tags: Any) -> list[str]:
 
 
 def retry_after(answer: Mapping[str, Any]) -> int:
+    """Whole seconds until the first block ends: at least 1, at most a year, 60 when no block says."""
     given = answer.get("retry_after_s")
-    if isinstance(given, int) and given > 0:
-        return given
+    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+        return min(given, _MAX_RETRY_AFTER_S)
     ends = []
     for block in answer.get("blocked_by") or []:
         try:
             ends.append(dt.datetime.fromisoformat(str(block.get("window_end"))).timestamp())
-        except ValueError:
+        except (ValueError, OverflowError, OSError):
             continue
-    return max(1, int(min(ends) - time.time() + 0.999)) if ends else 60
+    if not ends:
+        return 60
+    return max(1, min(_MAX_RETRY_AFTER_S, int(min(ends) - time.time() + 0.999)))
 
 
 def deployment_model(group: Any) -> str | None:
@@ -387,7 +425,11 @@ def from_environment() -> SpendLedgerHandler:
     if os.environ.get("SPENDLEDGER_CHECK", "on").strip().lower() not in ("off", "0", "false", "no"):
         bootstrap = os.environ.get("SPENDLEDGER_KAFKA_BOOTSTRAP")
         if bootstrap:
-            checker = GuardCheck(bootstrap, os.environ.get("SPENDLEDGER_TOPIC_PREFIX", ""))
+            checker = GuardCheck(
+                bootstrap,
+                os.environ.get("SPENDLEDGER_TOPIC_PREFIX", ""),
+                os.environ.get("SPENDLEDGER_USER_ID_HMAC_KEY"),
+            )
         else:
             checker = HttpCheck(
                 url,

@@ -231,3 +231,67 @@ def test_the_sdk_reads_the_same_attribution_headers_as_the_ledger() -> None:
     from ledger.tags import ATTRIBUTION_HEADER_PREFIXES as LEDGER_PREFIXES
 
     assert ATTRIBUTION_HEADER_PREFIXES == LEDGER_PREFIXES
+
+
+async def test_a_call_the_ledger_cannot_judge_does_not_switch_off_the_checks_of_others() -> None:
+    """A caller could provoke a 4xx (101 tags, a 300-character model): that call goes ahead alone."""
+    answers = iter([httpx.Response(422, json={"error": {}}), httpx.Response(200, json=BLOCK)])
+    check = plugin.HttpCheck("http://ledger", "k", transport=httpx.MockTransport(lambda _: next(answers)))
+    handler = plugin.SpendLedgerHandler(MemoryClient(), check)
+    odd = pre_call_data()
+    odd["metadata"]["tags"] = [f"t:{i}" for i in range(150)]
+    assert await handler.async_pre_call_hook(None, None, odd, "acompletion") is odd
+    with pytest.raises(HTTPException):  # the next call is still checked, and refused
+        await handler.async_pre_call_hook(None, None, pre_call_data("other"), "acompletion")
+    request = plugin.check_request({**odd, "model": "m" * 300, "user": "u" * 999})
+    assert len(request["tags"]) == 100 and len(request["model"]) == 256 and len(request["user"]) == 256
+
+
+@pytest.mark.parametrize(
+    "body", [[], "ok", {"allowed": False, "blocked_by": "x"}, {"allowed": False, "blocked_by": [None]}, {}]
+)
+async def test_a_garbled_answer_lets_the_call_go_ahead(body: Any) -> None:
+    check = plugin.HttpCheck(
+        "http://ledger", "k", transport=httpx.MockTransport(lambda _: httpx.Response(200, json=body))
+    )
+    handler = plugin.SpendLedgerHandler(MemoryClient(), check)
+    data = pre_call_data()
+    assert await handler.async_pre_call_hook(None, None, data, "acompletion") is data
+
+
+async def test_a_slow_ledger_costs_a_call_at_most_the_check_timeout() -> None:
+    import asyncio
+    import time
+
+    async def slow(_: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        return httpx.Response(200, json=BLOCK)
+
+    check = plugin.HttpCheck("http://ledger", "k", transport=httpx.MockTransport(slow), timeout_s=0.1)
+    started = time.monotonic()
+    assert await check.check(plugin.check_request(pre_call_data())) is None
+    assert time.monotonic() - started < 2
+
+
+def test_retry_after_stays_a_number_of_seconds_within_a_year() -> None:
+    far = [{"window_end": "9999-12-31T00:00:00+00:00"}]
+    assert plugin.retry_after({"retry_after_s": True, "blocked_by": far}) == 366 * 86_400
+    assert plugin.retry_after({"retry_after_s": 10**12}) == 366 * 86_400
+    assert plugin.retry_after({"blocked_by": [{"window_end": "not a time"}]}) == 60
+    assert plugin.retry_after({"blocked_by": [{"window_end": "2000-01-01T00:00:00+00:00"}]}) == 1
+
+
+def test_a_credential_header_never_travels_whatever_its_prefix() -> None:
+    kwargs = success_kwargs()
+    headers = kwargs["litellm_params"]["proxy_server_request"]["headers"]
+    headers.update({"x-litellm-api-key": "sk-virtual-key", "X-AnyAPI-Auth-Token": "t", "xproxy-secret": "s"})
+    kwargs["standard_logging_object"]["metadata"]["requester_custom_headers"]["x-litellm-api-key"] = "sk-v"
+    event = plugin.call_event(kwargs, "success")
+    assert event is not None and set(event["headers"]) == {
+        "x-litellm-tags",
+        "x-anyapi-app-id",
+        "xproxy-user-id",
+    }
+    data = pre_call_data()
+    data["proxy_server_request"]["headers"]["x-litellm-api-key"] = "sk-virtual-key"
+    assert "sk-virtual-key" not in json.dumps(plugin.check_request(data))
