@@ -27,6 +27,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from schemas.budgets import BudgetAlert
+from schemas.columns import UInt8, UInt16, UInt32
 
 WEBHOOK_TYPE = "budget.alert"
 ALERT_ID_HEADER = "X-SpendLedger-Alert-Id"
@@ -48,11 +49,11 @@ class DeliveryAttempt(BaseModel):
     alert_id: str
     tag: str
     destination: str
-    attempt: int
+    attempt: UInt8
     status: DeliveryStatus
-    http_status: int | None = None
+    http_status: UInt16 | None = None
     error: str = ""
-    latency_ms: int | None = None
+    latency_ms: UInt32 | None = None
     at: datetime
 
 

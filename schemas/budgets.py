@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.columns import UInt8
+
 WindowMode = Literal["calendar", "sliding"]
 # The percents of `max_budget` that alert when a budget names none (100, the block, always alerts).
 DEFAULT_ALERT_THRESHOLDS: tuple[int, ...] = (50, 80, 95)
@@ -29,7 +31,7 @@ class BudgetDefinition(BaseModel):
     soft_budget_usd: Decimal | None = None
     budget_duration: str
     window: WindowMode = "calendar"
-    alert_thresholds: list[int] = Field(default_factory=lambda: list(DEFAULT_ALERT_THRESHOLDS))
+    alert_thresholds: list[UInt8] = Field(default_factory=lambda: list(DEFAULT_ALERT_THRESHOLDS))
     source: BudgetSource = "tag"
     description: str | None = None
     created_at: datetime
@@ -82,7 +84,7 @@ class BudgetAlert(BaseModel):
     alert_id: str
     tag: str
     kind: Literal["threshold", "soft_budget", "projected"]
-    threshold_pct: int | None
+    threshold_pct: UInt8 | None
     spend_usd: Decimal
     max_budget_usd: Decimal | None
     soft_budget_usd: Decimal | None = None

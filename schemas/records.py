@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.columns import UInt16, UInt32, UInt64
+
 PriceSource = Literal["catalog", "override", "reported", "unpriced"]
 PRICE_SOURCES: tuple[PriceSource, ...] = ("catalog", "override", "reported", "unpriced")
 
@@ -40,18 +42,18 @@ class AttributedRecord(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     provider: str = ""
     model: str = ""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    input_tokens: UInt64 = 0
+    output_tokens: UInt64 = 0
+    cache_read_tokens: UInt64 = 0
+    cache_write_tokens: UInt64 = 0
     cost_usd: Decimal | None = None
     input_cost_usd: Decimal | None = None
     output_cost_usd: Decimal | None = None
     reported_cost_usd: Decimal | None = None
     price_source: PriceSource = "unpriced"
     status: str = "success"
-    http_status: int | None = None
-    latency_ms: int | None = None
+    http_status: UInt16 | None = None
+    latency_ms: UInt32 | None = None
     join_kind: JoinKind = "completed"
 
 

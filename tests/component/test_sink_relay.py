@@ -233,3 +233,13 @@ def test_a_long_data_dir_gets_its_socket_in_a_private_directory(tmp_path: Any) -
     long_dir = tmp_path / ("d" * 120)
     path = socket_path(long_dir)
     assert len(path) <= 107 and os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+
+
+def test_a_replayed_batch_of_budget_events_lands_once(clickhouse: Any) -> None:
+    engine = clickhouse()
+    store = ClickHouseStore(engine)
+    columns, rows = ROWS["budget_events"]
+    landing = Landing(budget_events=rows, next_offsets={("spend.budget-blocks", 0): 2}, label="b1")
+    store.land(landing, "sink@c")
+    store.land(landing, "sink@c")  # the API died before the offsets landed: the sink sends it again
+    assert engine.query("SELECT count() FROM budget_events").result_rows == [(2,)]

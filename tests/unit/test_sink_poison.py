@@ -1,6 +1,7 @@
 """No single value halts the sink (DESIGN §9.7): a message it cannot plan, or a row ClickHouse refuses,
 becomes a `spend_rejects` row with the reason, and the rest of its batch lands. An outage is retried."""
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -242,3 +243,22 @@ def test_a_refused_reject_means_spend_rejects_is_failing_and_is_retried():
     with pytest.raises(RuntimeError, match="spend_rejects"):
         land_apart(store, landing, "g")
     assert store.offsets == {}  # nothing committed: the batch is replayed, its good rows deduped
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("input_tokens", -1), ("input_tokens", 2**64), ("http_status", 70_000), ("latency_ms", 2**32)],
+)
+def test_an_integer_its_column_cannot_hold_is_a_reject_not_a_wrapped_row(field: str, value: int) -> None:
+    """Records land as JSON lines, where ClickHouse wraps an integer around (-1 in a UInt64 is 2**64-1):
+    the sink refuses such a value when it decodes the message."""
+    value_json = json.dumps({**orjson.loads(rec("odd").model_dump_json()), field: value}).encode()
+    landing = plan_landing(
+        [msg(0, rec("e1").model_dump_json().encode()), msg(1, value_json)],
+        topics=Topics(),
+        landed={},
+        store=MemoryStore(),
+    )
+    assert [r.event_id for r in landing.records] == ["e1"]
+    [reject] = landing.rejects
+    assert reject.reason.startswith("sink cannot decode") and field in reject.reason
