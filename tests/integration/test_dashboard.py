@@ -5,6 +5,8 @@ test is skipped with the reason, unless SPENDLEDGER_REQUIRE_BROWSER=1 (CI sets
 it), in which case it fails.
 """
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -46,11 +49,15 @@ def render(browser: str, url: str, profile: Path, *flags: str) -> subprocess.Com
 
 
 class Figures(HTMLParser):
-    """`data-figure` name -> the text shown inside that element."""
+    """`data-figure` name -> the text shown inside that element; `data-export` name -> its CSV rows;
+    `data-drill` name -> where the row's link goes; the chart's days."""
 
     def __init__(self) -> None:
         super().__init__()
         self.figures: dict[str, str] = {}
+        self.exports: dict[str, list[list[str]]] = {}
+        self.drills: dict[str, str] = {}
+        self.days: list[str] = []
         self.body: dict[str, str] = {}
         self._open: list[tuple[str, str | None]] = []
 
@@ -58,6 +65,14 @@ class Figures(HTMLParser):
         values = dict(attrs)
         if tag == "body":
             self.body = {k: v or "" for k, v in values.items()}
+        href = values.get("href") or ""
+        if values.get("data-export") and href.startswith("data:text/csv"):
+            text = unquote(href.split(",", 1)[1])
+            self.exports[values["data-export"] or ""] = list(csv.reader(io.StringIO(text)))
+        if values.get("data-drill"):
+            self.drills[values["data-drill"] or ""] = href
+        if values.get("data-day"):
+            self.days.append(values["data-day"] or "")
         self._open.append((tag, values.get("data-figure")))
         if values.get("data-figure"):
             self.figures[values["data-figure"] or ""] = ""
@@ -74,9 +89,24 @@ class Figures(HTMLParser):
 
 
 def usd(value: Any) -> str:
-    """The page's money format: the value as a double, to the cent, half up, with thousands commas."""
-    cents = Decimal(float(value)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    """The page's money format: the value as a double, to the cent, half up, with thousands commas; below a
+    cent, two significant digits (JavaScript's toPrecision(2), half up on the double)."""
+    exact = Decimal(float(value))
+    if exact != 0 and abs(exact) < Decimal("0.01"):
+        if abs(exact) < Decimal("0.000001"):
+            return "<$0.000001"
+        digits = exact.quantize(Decimal(1).scaleb(exact.adjusted() - 1), rounding=ROUND_HALF_UP)
+        if digits.adjusted() > exact.adjusted():  # 0.0099999 -> 0.010, two digits still
+            digits = digits.quantize(Decimal(1).scaleb(digits.adjusted() - 1))
+        return f"${digits:f}"
+    cents = exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return f"${cents:,.2f}"
+
+
+def test_money_below_a_cent_shows_its_digits() -> None:
+    assert [usd(v) for v in ("0.0045", "0.00027", "0.0000004", "0", "1234.565", "0.01")] == [
+        "$0.0045", "$0.00027", "<$0.000001", "$0.00", "$1,234.57", "$0.01",
+    ]  # fmt: skip
 
 
 def pct(value: Any) -> str:
@@ -112,6 +142,12 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         "SELECT count() FROM spend_records WHERE startsWith(event_id, 'evt_demo_')", lambda r: r[0][0] >= 3000
     )
 
+    # One call too small for cents: the page shows what it cost.
+    tiny = {"kind": "completed", "request_id": "tiny-1", "model": "openai/gpt-4o-mini",
+            "headers": {"X-AnyAPI-App-ID": "tiny-app"}, "usage": {"input_tokens": 1000, "output_tokens": 200}}  # fmt: skip
+    assert ledger.send(tiny).status_code == 202
+    ledger.wait_for("SELECT count() FROM spend_records WHERE app_id = 'tiny-app'", lambda r: r[0][0] == 1)
+
     today = datetime.now(UTC).date()
     span = {"start_date": (today - timedelta(days=6)).isoformat(), "end_date": today.isoformat()}
     admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
@@ -139,49 +175,47 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         lambda r: r[0][0] >= 4,  # thresholds 50, 80, 95 and 100
     )
 
-    url = f"{ledger.system.api_url}/ui#key={ledger.system.admin_key}&start={span['start_date']}&end={span['end_date']}"
-    page = render(browser, url, tmp_path / "profile-dom", "--dump-dom")
-    assert page.returncode == 0, page.stderr[-2000:]
-    parsed = Figures()
-    parsed.feed(page.stdout)
-    shown = parsed.figures
-    assert parsed.body.get("data-loaded") == "true", page.stdout[-3000:]
+    base = f"{ledger.system.api_url}/ui#key={ledger.system.admin_key}&start={span['start_date']}&end={span['end_date']}"
+    shown, parsed = page_figures(browser, base, tmp_path / "profile-dom")
 
     usage = api("/v1/analytics/usage", group_by="date", **span)
     assert shown["total_cost"] == usd(usage["total_cost"])
     assert shown["total_requests"] == f"{usage['total_requests']:,}"
     assert shown["unpriced_requests"] == f"{usage['unpriced_requests']:,}" != "0"
     assert shown["success_rate"] == pct(float(usage["success_rate"]) * 100)
+    # A continuous time axis: every day of the range, empty ones too (the demo's traffic spans 7 days).
+    assert parsed.days == [(today - timedelta(days=6 - n)).isoformat() for n in range(7)]
+    assert shown["chart:days"] == "(7 days)"
+    fortnight = f"{ledger.system.api_url}/ui#key={ledger.system.admin_key}&start={today - timedelta(days=13)}&end={today}"
+    _, longer = page_figures(browser, fortnight, tmp_path / "profile-14")
+    assert len(longer.days) == 14 and longer.figures["chart:days"] == "(14 days)"  # the empty week too
 
-    for by, key, label in (
-        ("app_id", "apps", "app"),
-        ("team", "teams", "team"),
-        ("model", "models", "model"),
-    ):
-        report = api(
-            "/v1/analytics/cost-allocation", {**span, "group_by": [by], "metrics": ["requests", "cost"]}
-        )
-        groups = report[key][:8]
-        assert groups, key
-        for group in groups:
-            name = group[by] if group[by] is not None else "(untagged)"
-            assert shown[f"{label}:{name}:requests"] == f"{group['requests']:,}"
-            expected = "unpriced" if group["unpriced_requests"] == group["requests"] else usd(group["cost"])
-            assert shown[f"{label}:{name}:cost"] == expected, (label, name)
+    groups = check_tables(shown, parsed, api, span, {})
     assert "team:(untagged):cost" in shown and shown["model:acme/llama-internal-70b:cost"] == "unpriced"
+    assert groups
+    assert shown["app:tiny-app:cost"] == "$0.00027"  # below a cent: its digits, not $0.00
 
     budgets = api("/tag/list")
     assert {b["name"] for b in budgets} >= {"team:support", "team:search", "team:data"}
     for budget in budgets:
-        assert shown[f"budget:{budget['name']}:spend"] == usd(budget["spend"])
-        assert shown[f"budget:{budget['name']}:max"] == usd(budget["max_budget"])
-        assert (f"budget:{budget['name']}:blocked" in shown) == budget["blocked"]
+        name = budget["name"]
+        assert shown[f"budget:{name}:spend"] == usd(budget["spend"])
+        assert shown[f"budget:{name}:max"] == usd(budget["max_budget"])
+        used = float(budget["spend"]) / float(budget["max_budget"]) * 100
+        assert shown[f"budget:{name}:pct_used"] == pct(used)
+        assert (
+            shown[f"budget:{name}:window"]
+            == f"{budget['window_start'][:10]} → {budget['budget_reset_at'][:10]}"
+        )
+        assert shown[f"budget:{name}:reset"] == budget["budget_reset_at"][:16].replace("T", " ") + " UTC"
+        assert (f"budget:{name}:blocked" in shown) == budget["blocked"]
         if budget["projected_spend"] is not None and not budget["blocked"]:
             # The projection moves with the clock between our read and the page's: within 5 %.
-            figure = Decimal(shown[f"budget:{budget['name']}:projected"].strip("$").replace(",", ""))
+            figure = Decimal(shown[f"budget:{name}:projected"].strip("$").replace(",", ""))
             assert abs(figure - Decimal(str(budget["projected_spend"]))) <= Decimal(
                 str(budget["projected_spend"])
             ) / 20 + Decimal("0.01")
+    assert shown["budget:team:support:window"].endswith(budgets_reset(budgets, "team:support"))
 
     coverage = api("/v1/analytics/coverage", **span)
     for dimension in coverage["dimensions"]:
@@ -190,17 +224,91 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         assert shown[f"coverage:{d}:untagged_requests"] == f"{dimension['untagged']['requests']:,}"
         assert shown[f"coverage:{d}:untagged_cost"] == usd(dimension["untagged"]["cost"])
         assert shown[f"coverage:{d}:alert"] == ("below 95%" if dimension["alert"] else "ok")
+    assert [row[0] for row in parsed.exports["coverage"][1:]] == [
+        d["dimension"] for d in coverage["dimensions"]
+    ]
 
+    # Alerts, one row per crossing: however often a threshold was signalled, it is one line.
     assert shown["budget:team:search:blocked"] == "blocked"
-    [[recent]] = ledger.sql(
-        "SELECT count() FROM (SELECT 1 FROM budget_events WHERE event_type IN ('alert', 'soft_alert', 'projected_alert', 'blocked') "
-        "ORDER BY at DESC LIMIT 10)"
+    crossings = ledger.sql(
+        "SELECT tag, event_type, threshold_pct, count() FROM budget_events WHERE event_type IN "
+        "('alert', 'soft_alert', 'projected_alert', 'blocked') GROUP BY tag, window_start, event_type, threshold_pct"
     )
-    assert shown["alerts:count"] == f"({recent})" and recent >= alerts[0][0]
+    assert shown["alerts:count"] == f"({min(10, len(crossings))})" and len(crossings) >= alerts[0][0]
+    listed = [(r[1], r[2], r[3]) for r in parsed.exports["alerts"][1:]]
+    assert len(listed) == len(set(listed))  # no crossing twice
+    assert ("team:search", "alert", "100") in listed
 
-    screenshot = tmp_path / "dashboard.png"
-    shot = render(browser, url, tmp_path / "profile-shot", f"--screenshot={screenshot}")
-    assert shot.returncode == 0, shot.stderr[-2000:]
-    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
-    if os.environ.get("SPENDLEDGER_SCREENSHOT_DIR"):
-        shutil.copy(screenshot, Path(os.environ["SPENDLEDGER_SCREENSHOT_DIR"]) / "dashboard.png")
+    # The cost-allocation export: app -> model, every row, exact figures.
+    report = api(
+        "/v1/analytics/cost-allocation",
+        {**span, "group_by": ["app_id", "model"], "metrics": ["requests", "cost", "tokens"]},
+    )
+    flat = [[a["app_id"] or "", a["app_name"], m["model"] or "", str(m["requests"]), str(m["cost"]), str(m["tokens"])]
+            for a in report["apps"] for m in a["models"]]  # fmt: skip
+    assert [row[:6] for row in parsed.exports["allocation"][1:]] == flat
+
+    # Drill-down: the teams' rows lead to the page narrowed to a team; its apps lead further.
+    assert parsed.drills["team:search"].endswith("team=search") and "start=" in parsed.drills["team:search"]
+    narrowed, deeper = page_figures(browser, base + "&team=search", tmp_path / "profile-team")
+    team_usage = api("/v1/analytics/usage", group_by="date", team="search", **span)
+    assert narrowed["total_cost"] == usd(team_usage["total_cost"]) != shown["total_cost"]
+    assert narrowed["total_requests"] == f"{team_usage['total_requests']:,}"
+    check_tables(narrowed, deeper, api, span, {"team": "search"})
+    assert set(deeper.exports["teams"][1:][0][:1]) == {"search"} and len(deeper.exports["teams"]) == 2
+    app = deeper.exports["apps"][1][0]
+    assert deeper.drills[f"app:{app}"].endswith(f"team=search&app_id={app}")
+    narrower, _ = page_figures(browser, base + f"&team=search&app_id={app}", tmp_path / "profile-app")
+    both = api("/v1/analytics/usage", group_by="date", team="search", app_id=app, **span)
+    assert narrower["total_requests"] == f"{both['total_requests']:,}"
+    # The untagged bucket is a drill-down too.
+    untagged, _ = page_figures(browser, base + "&team=", tmp_path / "profile-untagged")
+    assert untagged["total_requests"] == f"{api('/v1/analytics/usage', team='', **span)['total_requests']:,}"
+
+    for name, url in (("dashboard", base), ("dashboard-team", base + "&team=search")):
+        screenshot = tmp_path / f"{name}.png"
+        shot = render(browser, url, tmp_path / f"profile-shot-{name}", f"--screenshot={screenshot}")
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+        if os.environ.get("SPENDLEDGER_SCREENSHOT_DIR"):
+            shutil.copy(screenshot, Path(os.environ["SPENDLEDGER_SCREENSHOT_DIR"]) / f"{name}.png")
+
+
+def page_figures(browser: str, url: str, profile: Path) -> tuple[dict[str, str], Figures]:
+    page = render(browser, url, profile, "--dump-dom")
+    assert page.returncode == 0, page.stderr[-2000:]
+    parsed = Figures()
+    parsed.feed(page.stdout)
+    assert parsed.body.get("data-loaded") == "true", page.stdout[-3000:]
+    return parsed.figures, parsed
+
+
+def budgets_reset(budgets: list[dict[str, Any]], name: str) -> str:
+    return next(b for b in budgets if b["name"] == name)["budget_reset_at"][:10]
+
+
+def check_tables(
+    shown: dict[str, str], parsed: Figures, api: Any, span: dict[str, str], narrowed: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The apps, teams, features and models tables and their CSV exports equal the API's allocation."""
+    everything = []
+    for by, key, label in (("app_id", "apps", "app"), ("team", "teams", "team"), ("feature", "features", "feature"),
+                           ("model", "models", "model")):  # fmt: skip
+        report = api(
+            "/v1/analytics/cost-allocation",
+            {**span, **narrowed, "group_by": [by], "metrics": ["requests", "cost"]},
+        )
+        groups = report[key]
+        assert groups, key
+        for group in groups[:8]:
+            name = group[by] if group[by] is not None else "(untagged)"
+            assert shown[f"{label}:{name}:requests"] == f"{group['requests']:,}"
+            expected = "unpriced" if group["unpriced_requests"] == group["requests"] else usd(group["cost"])
+            assert shown[f"{label}:{name}:cost"] == expected, (label, name)
+        exported = parsed.exports[key]
+        assert exported[0] == [by, "requests", "cost_usd", "unpriced_requests"]
+        assert exported[1:] == [
+            [g[by] or "", str(g["requests"]), str(g["cost"]), str(g["unpriced_requests"])] for g in groups
+        ], key
+        everything += groups
+    return everything

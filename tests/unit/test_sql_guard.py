@@ -224,6 +224,7 @@ def _examples() -> list[tuple[str, str]]:
         queries = re.findall(r"^```sql\n(.*?)^```$", text, flags=re.S | re.M)
         queries += re.findall(r'spendledger sql "([^"]+)"', text)
         queries += re.findall(r'/v1/sql", \{query: "([^"]+)"\}', text)
+        queries += re.findall(r'const [A-Z_]+_SQL = "([^"]+)";', text)  # the dashboard's queries
         queries += re.findall(r'/v1/sql \{"query": "([^"]+)"\}', text)
         found += [(path.name, q) for q in queries if "…" not in q]  # "SELECT …" is a placeholder
     return found
