@@ -84,13 +84,14 @@ class EmbeddedSystem:
         env.setdefault(f"{ENV}CLICKHOUSE_DSN", f"chdb://{(self.data_dir / 'clickhouse').resolve()}")
         self.sink_port = self.sink_port or _free_port(self.host)
         sink_env = {f"{ENV}SINK_PORT": str(self.sink_port)}
+        api_env: dict[str, str] = {}  # the relay's token goes to the API and the sink only
         if env[f"{ENV}CLICKHOUSE_DSN"].startswith("chdb://"):
             # chDB lets one process open its data dir: the API opens it and lends it to the sink's process
             # (spendledger.chdb_relay), whose work then never holds the API's GIL.
             from spendledger.chdb_relay import socket_path
 
             relay = f"relay://:{secrets.token_urlsafe(24)}@unix{socket_path(self.data_dir)}"
-            env[f"{ENV}CLICKHOUSE_RELAY"] = relay
+            api_env[f"{ENV}CLICKHOUSE_RELAY"] = relay
             sink_env[f"{ENV}CLICKHOUSE_DSN"] = relay
         env[f"{ENV}API_HOST"] = self.host
         env[f"{ENV}API_PORT"] = str(self.port)
@@ -116,7 +117,7 @@ class EmbeddedSystem:
             worker_dir = str((self.data_dir / name).resolve())
             self._spawn(name, {f"{ENV}WORKER_WEB_PORT": str(port), f"{ENV}WORKER_DATA_DIR": worker_dir})
         self._step("starting the API (migrating ClickHouse)")
-        self._spawn("api")
+        self._spawn("api", api_env)
         checks = {"api": f"{self.api_url}/readyz"}
         self._wait_ready(
             checks | {n: f"http://{self.host}:{p}/healthz" for n, p in self.worker_ports.items()}

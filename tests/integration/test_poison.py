@@ -3,6 +3,7 @@
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import orjson
@@ -184,3 +185,14 @@ def test_poison_values_beside_valid_events_are_rejected_alone_and_the_valid_ones
     assert "stuck" not in r.json(), r.text
     r = httpx.get(f"http://{ledger.system.host}:{ledger.system.sink_port}/readyz")
     assert r.json() == {"status": "ok"}, r.text
+    # The relay's token is in the environment of the API and the sink, and no other process's.
+    environs = {
+        name: Path(f"/proc/{child.pid}/environ").read_bytes()
+        for name, child in ledger.system.children.items()
+    }
+    holders = {
+        name
+        for name, env in environs.items()
+        if b"SPENDLEDGER_CLICKHOUSE_RELAY=" in env or b"relay://" in env
+    }
+    assert holders == {"api", "sink"}, holders

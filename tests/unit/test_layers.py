@@ -1,0 +1,122 @@
+"""The import contract of docs/architecture.md: which layer may import which, read from the code's `ast`.
+
+Layers, bottom to top: Formats (`schemas/`), Core (`ledger/`), Platform (settings, connections, errors),
+the services Ingest and Processors (siblings), Entry (CLI, embedded system, supervisor). The Client (SDK,
+guard, plugins, fake LLM) stands apart. An import inside `if TYPE_CHECKING:` does not run, so it does not
+count. `KNOWN` lists the imports that break a rule today, each with its reason: the contract holds when
+no other does, and an entry that no longer happens must be removed (the list only shrinks).
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+PACKAGES = ("schemas", "ledger", "ingest", "processors", "spendledger")
+CLIENT = ("spendledger.sdk", "spendledger.integrations", "spendledger.guard", "spendledger.fakellm")
+ENTRY = ("spendledger.cli", "spendledger.services", "spendledger.embedded", "spendledger.supervisor",
+         "spendledger.demo", "spendledger.restore", "spendledger.__main__")  # fmt: skip
+
+MAY_IMPORT = {
+    "Formats": {"Formats"},
+    "Core": {"Core", "Formats"},
+    "Platform": {"Platform", "Formats"},
+    "Ingest": {"Ingest", "Platform", "Core", "Formats"},
+    "Processors": {"Processors", "Platform", "Core", "Formats"},
+    "Entry": {"Entry", "Ingest", "Processors", "Platform", "Core", "Formats", "Client"},
+    "Client": {"Client", "Formats"},
+}
+
+# (importer, imported module) -> why it is still there. Fix one, then remove its line.
+KNOWN = {
+    ("spendledger.settings", "ledger.budgets"): "Settings builds the domain policies (issue 21)",
+    ("spendledger.settings", "ledger.join"): "Settings builds the domain policies (issue 21)",
+    ("spendledger.settings", "ledger.tags"): "Settings builds the domain policies (issue 21)",
+    ("spendledger.guard", "ledger.tags"): "the guard normalizes a call's tags as the ledger does (issue 21)",
+    ("spendledger.integrations.litellm", "ledger.tags"): "its Kafka guard normalizes tags (issue 21)",
+    ("spendledger.integrations.litellm", "ledger.budgets"): "its Kafka guard names model budgets (issue 21)",
+    ("spendledger.sdk", "spendledger.settings"): "budget_guard() reads the guard's Kafka settings (issue 21)",
+    ("ingest.budgets", "spendledger.guard"): "the API reads blocks with the client's view reader (issue 21)",
+}
+
+
+def layer(module: str) -> str:
+    top = module.split(".")[0]
+    if top == "schemas":
+        return "Formats"
+    if top == "ledger":
+        return "Core"
+    if top in ("ingest", "processors"):
+        return top.capitalize()
+    if module.startswith(CLIENT):
+        return "Client"
+    if module.startswith(ENTRY):
+        return "Entry"
+    return "Platform"
+
+
+def module_of(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path) -> set[str]:
+    """The project's modules `path` imports when it runs (a `from m import name` may name a module)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] in PACKAGES and _exists(name)}
+
+
+def _exists(module: str) -> bool:
+    base = ROOT.joinpath(*module.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def edges() -> set[tuple[str, str]]:
+    return {
+        (module_of(path), target)
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        for target in imported(path)
+    }
+
+
+def test_every_import_follows_the_layers_but_the_known_ones() -> None:
+    broken = {
+        (importer, target) for importer, target in edges() if layer(target) not in MAY_IMPORT[layer(importer)]
+    }
+    unexpected = sorted(broken - set(KNOWN))
+    assert not unexpected, "\n".join(
+        f"{importer} ({layer(importer)}) imports {target} ({layer(target)})"
+        for importer, target in unexpected
+    )
+    gone = sorted(set(KNOWN) - broken)
+    assert not gone, f"no longer imported: remove from KNOWN: {gone}"
+
+
+def test_services_never_import_each_other_and_nothing_imports_the_entry_points() -> None:
+    for importer, target in edges():
+        assert {layer(importer), layer(target)} != {"Ingest", "Processors"}, (importer, target)
+        if layer(target) == "Entry":
+            assert layer(importer) == "Entry", (importer, target)
+
+
+def test_the_contract_sees_what_it_should() -> None:
+    """The reader finds real imports, and a forbidden one would be caught."""
+    found = edges()
+    assert ("ingest.app", "ingest.budgets") in found and ("processors.sink", "schemas.records") in found
+    assert ("spendledger.guard", "spendledger.settings") not in found  # typing only
+    assert "Core" not in MAY_IMPORT["Client"] and "Ingest" not in MAY_IMPORT["Processors"]
