@@ -32,7 +32,8 @@ def test_rows_clickhouse_refuses_become_rejects_and_the_rest_lands(clickhouse):
         Message(ATTR, 0, 0, record("ok-1", cost_usd=Decimal("0.5"))),
         Message(ATTR, 0, 1, record("too-rich", cost_usd=Decimal("1e30"))),  # Decimal(38, 12) holds < 1e26
         Message(ATTR, 0, 2, record("ok-2", cost_usd=Decimal("0.25"))),
-        Message(ATTR, 0, 3, record("negative", input_tokens=-1)),  # UInt64
+        # UInt64: refused where it is decoded (an insert of JSON lines would wrap it around).
+        Message(ATTR, 0, 3, record("negative").replace(b'"input_tokens":0', b'"input_tokens":-1')),
         Message(ATTR, 0, 4, record("ok-3", latency_ms=5)),
     ]
     sink = Sink(Settings(), store)
@@ -45,7 +46,7 @@ def test_rows_clickhouse_refuses_become_rejects_and_the_rest_lands(clickhouse):
     rejects = client.query("SELECT offset, reason, payload FROM spend_rejects ORDER BY offset").result_rows
     assert [(offset, reason.split(":")[0]) for offset, reason, _ in rejects] == [
         (1, "ClickHouse refused the spend_records row"),
-        (3, "ClickHouse refused the spend_records row"),
+        (3, "sink cannot decode"),
     ]
     assert '"too-rich"' in rejects[0][2] and '"negative"' in rejects[1][2]
     assert store.landed_offsets(sink.group) == {(ATTR, 0): 5}
