@@ -124,7 +124,7 @@ def proxy_python(wheel: Path) -> Path:
         shutil.rmtree(PROXY_VENV, ignore_errors=True)
         new_venv(PROXY_VENV)
         print(f"\ninstalling {LITELLM} into {PROXY_VENV} (about a minute, once)", flush=True)
-        result = pip(python, "install", "--quiet", "--progress-bar", "off", LITELLM)
+        result = pip(python, "install", "--quiet", "--no-compile", "--progress-bar", "off", LITELLM)
         if result.returncode != 0:
             shutil.rmtree(PROXY_VENV, ignore_errors=True)
             pytest.skip(f"{LITELLM} cannot be installed here: {pip_failure(result)}")
