@@ -22,7 +22,7 @@ import pytest
 from spendledger.guard import BudgetGuard
 from tests.integration.conftest import Ledger, running_system
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # its waits: up to 600 s + 240 s
 
 EVENTS = 20_000
 BATCH = 500

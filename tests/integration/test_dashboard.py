@@ -130,7 +130,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,
         check=False,
     )
     assert demo.returncode == 0, demo.stderr
@@ -142,11 +142,13 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         "SELECT count() FROM spend_records WHERE startsWith(event_id, 'evt_demo_')", lambda r: r[0][0] >= 3000
     )
 
-    # One call too small for cents: the page shows what it cost.
+    # One call too small for cents: the page shows what it cost. And a model named like a spreadsheet
+    # formula: its CSV cell must stay text.
     tiny = {"kind": "completed", "request_id": "tiny-1", "model": "openai/gpt-4o-mini",
             "headers": {"X-AnyAPI-App-ID": "tiny-app"}, "usage": {"input_tokens": 1000, "output_tokens": 200}}  # fmt: skip
-    assert ledger.send(tiny).status_code == 202
-    ledger.wait_for("SELECT count() FROM spend_records WHERE app_id = 'tiny-app'", lambda r: r[0][0] == 1)
+    formula = {**tiny, "request_id": "formula-1", "model": "=HYPERLINK(1)", "provider": "acme"}
+    assert ledger.send({"events": [tiny, formula]}).status_code == 202
+    ledger.wait_for("SELECT count() FROM spend_records WHERE app_id = 'tiny-app'", lambda r: r[0][0] == 2)
 
     today = datetime.now(UTC).date()
     span = {"start_date": (today - timedelta(days=6)).isoformat(), "end_date": today.isoformat()}
@@ -194,6 +196,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
     assert "team:(untagged):cost" in shown and shown["model:acme/llama-internal-70b:cost"] == "unpriced"
     assert groups
     assert shown["app:tiny-app:cost"] == "$0.00027"  # below a cent: its digits, not $0.00
+    assert ["'=HYPERLINK(1)", "1", "1"] in [[row[0], row[1], row[3]] for row in parsed.exports["models"]]
 
     budgets = api("/tag/list")
     assert {b["name"] for b in budgets} >= {"team:support", "team:search", "team:data"}
@@ -244,7 +247,7 @@ def test_the_dashboard_shows_what_the_reports_api_says(ledger: Ledger, tmp_path:
         "/v1/analytics/cost-allocation",
         {**span, "group_by": ["app_id", "model"], "metrics": ["requests", "cost", "tokens"]},
     )
-    flat = [[a["app_id"] or "", a["app_name"], m["model"] or "", str(m["requests"]), str(m["cost"]), str(m["tokens"])]
+    flat = [[a["app_id"] or "", a["app_name"], as_text(m["model"] or ""), str(m["requests"]), str(m["cost"]), str(m["tokens"])]
             for a in report["apps"] for m in a["models"]]  # fmt: skip
     assert [row[:6] for row in parsed.exports["allocation"][1:]] == flat
 
@@ -283,6 +286,16 @@ def page_figures(browser: str, url: str, profile: Path) -> tuple[dict[str, str],
     return parsed.figures, parsed
 
 
+def as_text(cell: str) -> str:
+    """A CSV cell as the page writes it: one a spreadsheet would run as a formula starts with '."""
+    if cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(cell)
+        except ValueError:
+            return "'" + cell
+    return cell
+
+
 def budgets_reset(budgets: list[dict[str, Any]], name: str) -> str:
     return next(b for b in budgets if b["name"] == name)["budget_reset_at"][:10]
 
@@ -308,7 +321,8 @@ def check_tables(
         exported = parsed.exports[key]
         assert exported[0] == [by, "requests", "cost_usd", "unpriced_requests"]
         assert exported[1:] == [
-            [g[by] or "", str(g["requests"]), str(g["cost"]), str(g["unpriced_requests"])] for g in groups
+            [as_text(g[by] or ""), str(g["requests"]), str(g["cost"]), str(g["unpriced_requests"])]
+            for g in groups
         ], key
         everything += groups
     return everything
