@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import zlib
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from ledger.tags import (
     explain,
 )
 from schemas.events import RawEvent
+from schemas.partitions import librdkafka_partition
 
 # A `spend.raw` message holds one event, or a bundle `{"events": [...]}` of events that all
 # belong to its partition, up to this size (Kafka's default message limit is 1 MiB).
@@ -136,9 +136,9 @@ def attribution_warnings(published: list[dict[str, Any]], policy: AttributionPol
 
 
 def partition_of(key: bytes, partitions: int) -> int:
-    """The partition librdkafka's default partitioner (`consistent_random`: CRC-32 of the key)
-    gives a keyed message, so a bundle lands where each of its events would alone."""
-    return zlib.crc32(key) % partitions
+    """Where the API's producer puts a keyed `spend.raw` message (schemas.partitions), so a bundle lands
+    where each of its events would alone."""
+    return librdkafka_partition(key, partitions)
 
 
 def raw_messages(
