@@ -178,9 +178,12 @@ class EmbeddedSystem:
             self.dev_keys = not any(configured.values())
             self.say(f"    dev keys (kept in {path}):")
             for scope, value in configured.items():
-                configured[scope] = value or kept[scope]
+                if value:
+                    self.say(f"      {scope + ' key:':13} (configured: {ENV}{scope.upper()}_KEYS)")
+                    continue  # the operator's own key is never printed
+                configured[scope] = kept[scope]
                 env[f"{ENV}{scope.upper()}_KEYS"] = configured[scope]
-                self.say(f"      {scope + ' key:':13} {configured[scope].split(',')[0]}")
+                self.say(f"      {scope + ' key:':13} {configured[scope]}")
         self.producer_key = configured["producer"].split(",")[0]
         self.analyst_key = configured["analyst"].split(",")[0]
         self.admin_key = configured["admin"].split(",")[0]

@@ -388,3 +388,13 @@ async def test_every_report_narrows_to_a_filter_and_equals_spend_records(api, le
 async def test_a_filter_on_an_unknown_column_is_refused(api):
     r = await api.post("/v1/analytics/cost-allocation", json={"user_id": "u1"}, headers=ADMIN)
     assert r.status_code == 422
+
+
+@pytest.mark.parametrize("value", ["\x000\x00", "\x007\x00", '"\x001\x00"'])
+async def test_a_filter_value_shaped_like_an_exact_number_mark_comes_back_as_sent(api, value):
+    """Before: the exact-JSON writer's marks could be forged by a string (`?team=%000%00` answered with a
+    number in its place, `%007%00` with a 500)."""
+    r = await api.get("/v1/analytics/usage", params={**RANGE, "team": value}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    body = exact(r)
+    assert body["filters"] == {"team": value} and body["total_requests"] == 0

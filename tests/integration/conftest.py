@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from spendledger.embedded import EmbeddedSystem
+from spendledger.kafka import consumer_lag
 
 
 def free_port() -> int:
@@ -38,6 +39,20 @@ class Ledger:
         )
         assert r.status_code == 200, r.text
         return r.json()["rows"]
+
+    def settle(self, timeout: float = 90) -> None:
+        """Until every topic the services read is processed to its end, twice in a row (as `up`'s drain
+        decides): after this nothing more lands, so a check that nothing is doubled needs no fixed sleep."""
+        settings = self.system.settings()
+        groups = settings.topics.consumed()
+        deadline = time.monotonic() + timeout
+        clear = 0
+        while clear < 2:
+            lag = consumer_lag(settings, groups, timeout_s=5)
+            clear = clear + 1 if not any(lag.values()) else 0
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still unprocessed after {timeout:.0f} s: {lag}")
+            time.sleep(0.25)
 
     def wait_for(
         self, query: str, done: Callable[[list[list[Any]]], bool], timeout: float = 60

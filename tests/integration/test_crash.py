@@ -121,7 +121,7 @@ def test_kill_9_under_load_loses_nothing_and_counts_nothing_twice(supervised: Le
         if rows[0][0] >= EVENTS or time.monotonic() > deadline:
             break
         time.sleep(1)
-    time.sleep(3)  # anything late and doubled would land now
+    ledger.settle()  # everything read to its end: anything late and doubled has landed
     [[count, unique, total]] = ledger.sql(query)
     print(
         f"\ncrash test (seed {seed}): {EVENTS} events, kills {kills}, {retries[0]} batch retries, "
@@ -159,9 +159,9 @@ def test_a_pending_request_still_expires_after_its_worker_is_killed(supervised: 
         }
     )
     assert r.status_code == 202, r.text
-    # Well past the worker's processing and its offset commit (every second), inside the 10 s
-    # request timeout: the pending call now lives only in the join state's changelog.
-    time.sleep(5)
+    # The worker processed it and committed past it, inside the 10 s request timeout: the pending
+    # call now lives only in the join state's changelog.
+    ledger.settle(timeout=8)
     worker = ledger.system.children["worker"]
     os.kill(worker.pid, signal.SIGKILL)
     rows = ledger.wait_for(

@@ -119,7 +119,7 @@ def test_when_one_worker_is_killed_the_other_takes_over_and_totals_stay_exact(tw
 
     query = f"SELECT count(), uniqExact(event_id), sum(cost_usd) FROM spend_records WHERE startsWith(request_id, '{run}-')"
     rows = two_workers.wait_for(query, lambda rows: rows[0][0] >= 2000, timeout=60)
-    time.sleep(2)  # anything doubled would land now
+    two_workers.settle()  # everything read to its end: anything doubled has landed
     [[count, unique, total]] = two_workers.sql(query)
     assert (count, unique, Decimal(total)) == (2000, 2000, 2000 * EVENT_COST), rows
     assert worker_events_counted(two_workers, "worker") >= 1000  # the survivor did at least the second half
