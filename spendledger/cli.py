@@ -324,7 +324,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             elif r.status_code == 409:  # someone's own budget: say what it is, and keep it
                 kept = http.get("/tag/info", params={"names": str(budget["name"])}, headers=admin_headers)
                 info = kept.json().get(budget["name"], {}) if kept.status_code == 200 else {}
-                what = f"${info.get('max_budget')} per {info.get('budget_duration')}" if info else "a budget"
+                top = info.get("max_budget")
+                limit = "no maximum" if top is None else f"${top}"
+                what = f"{limit} per {info.get('budget_duration')}" if info else "a budget"
                 _say(f"    {budget['name']}: already there ({what}), kept as it is")
             else:
                 _say(f"    {budget['name']}: not created (HTTP {r.status_code}: {r.text[:200]})")
