@@ -82,8 +82,7 @@ class EmbeddedSystem:
             # The broker forgets everything at a stop: the API keeps what it acknowledged here until it lands.
             env.setdefault(f"{ENV}JOURNAL_DIR", str((self.data_dir / "journal").resolve()))
         env.setdefault(f"{ENV}CLICKHOUSE_DSN", f"chdb://{(self.data_dir / 'clickhouse').resolve()}")
-        self.sink_port = self.sink_port or _free_port(self.host)
-        sink_env = {f"{ENV}SINK_PORT": str(self.sink_port)}
+        sink_env: dict[str, str] = {}
         api_env: dict[str, str] = {}  # the relay's token goes to the API and the sink only
         if env[f"{ENV}CLICKHOUSE_DSN"].startswith("chdb://"):
             # chDB lets one process open its data dir: the API opens it and lends it to the sink's process
@@ -123,8 +122,27 @@ class EmbeddedSystem:
             checks | {n: f"http://{self.host}:{p}/healthz" for n, p in self.worker_ports.items()}
         )
         self._step("starting the sink")
-        self._spawn("sink", sink_env)
-        self._wait_ready({"sink": f"http://{self.host}:{self.sink_port}/readyz"})
+        self._start_sink(sink_env)
+
+    def _start_sink(self, env: dict[str, str], attempts: int = 3) -> None:
+        """Start the sink on its port (a free one, picked now, unless one was given). A free port can be
+        taken before the sink binds it (by any process's outgoing connection): then another is tried."""
+        chosen = self.sink_port
+        for attempt in range(1, attempts + 1):
+            self.sink_port = chosen or _free_port(self.host)
+            log = self.log_dir / "sink.log"
+            start = log.stat().st_size if log.exists() else 0
+            self._spawn("sink", {**env, f"{ENV}SINK_PORT": str(self.sink_port)})
+            try:
+                self._wait_ready({"sink": f"http://{self.host}:{self.sink_port}/readyz"})
+                return
+            except StartupError:
+                with log.open("rb") as out:
+                    out.seek(start)
+                    taken = b"Address already in use" in out.read()
+                if chosen or not taken or attempt == attempts:
+                    raise
+                self._log_event(f"the sink's port {self.sink_port} was taken meanwhile; trying another")
 
     def _lock_data_dir(self) -> None:
         """One system per data dir: a second `up` would replay and prune the first one's journal."""
