@@ -33,6 +33,14 @@ class Ledger:
             "/v1/events", json=payload, headers={"Authorization": f"Bearer {key or self.system.producer_key}"}
         )
 
+    def new_budget(self, name: str, max_budget: Any, duration: str) -> httpx.Response:
+        """`POST /tag/new` with the admin key."""
+        return self.http.post(
+            "/tag/new",
+            json={"name": name, "max_budget": max_budget, "budget_duration": duration},
+            headers={"Authorization": f"Bearer {self.system.admin_key}"},
+        )
+
     def sql(self, query: str) -> list[list[Any]]:
         r = self.http.post(
             "/v1/sql", json={"query": query}, headers={"Authorization": f"Bearer {self.system.admin_key}"}

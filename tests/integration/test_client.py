@@ -284,10 +284,7 @@ def test_a_blocked_budget_refuses_the_next_call_before_the_upstream(
     proxy: Proxy, ledger: Ledger, llm: FakeLLM
 ) -> None:
     run = f"lb{uuid.uuid4().hex[:8]}"
-    admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
-    r = ledger.http.post(
-        "/tag/new", json={"name": f"team:{run}", "max_budget": 0.001, "budget_duration": "1d"}, headers=admin
-    )
+    r = ledger.new_budget(f"team:{run}", 0.001, "1d")
     assert r.status_code == 200, r.text
     tags = {"x-litellm-tags": f"team:{run}"}
     assert proxy.chat(headers=tags).status_code == 200  # spends $0.0045 of $0.001

@@ -101,10 +101,7 @@ def test_a_gateway_with_the_middleware_blocks_a_tag_once_its_budget_is_spent(
     ledger: Ledger, llm: FakeLLM
 ) -> None:
     run = f"gw{uuid.uuid4().hex[:10]}"
-    admin = {"Authorization": f"Bearer {ledger.system.admin_key}"}
-    r = ledger.http.post(
-        "/tag/new", json={"name": f"team:{run}", "max_budget": 0.001, "budget_duration": "1d"}, headers=admin
-    )
+    r = ledger.new_budget(f"team:{run}", 0.001, "1d")
     assert r.status_code == 200, r.text
 
     spend = SpendClient(ledger.system.api_url, ledger.system.producer_key, flush_at_exit=False)
