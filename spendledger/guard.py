@@ -2,7 +2,7 @@
 
 A gateway embeds one `BudgetGuard` per process:
 
-    guard = BudgetGuard.from_settings(Settings())    # or BudgetGuard({"bootstrap.servers": ...}, topic)
+    guard = BudgetGuard.from_settings(GuardSettings())  # or BudgetGuard({"bootstrap.servers": ...}, topic)
     guard.start(); guard.wait_ready(10)
     decision = guard.check_request(headers=request.headers, metadata=body.get("metadata"), user=body.get("user"))
     if not decision.allowed:
@@ -13,6 +13,10 @@ group, nothing committed), keeps the latest state per tag in memory, and
 answers from memory. A block whose window has ended no longer blocks, even if
 the worker has not yet said so. `staleness_s` says how long ago the guard was
 last known to have read everything on the topic.
+
+`GuardSettings` is the part of the server's settings a guard needs, read from the same `SPENDLEDGER_*`
+variables (and `.env`) with the same defaults, so a gateway reads the server's topic the way the
+server's own clients do and normalizes tags as the ledger does, without installing the server.
 """
 
 from __future__ import annotations
@@ -22,19 +26,52 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger.tags import AttributionPolicy, normalize
 from schemas.budgets import BlockSignal
-
-if TYPE_CHECKING:
-    from spendledger.settings import Settings
+from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class GuardSettings(BaseSettings):
+    """What a guard takes of the server's settings (spendledger.settings.Settings): the same variables,
+    the same defaults, the same validation. A field added to the server's `kafka_config()` or
+    `attribution_policy()` belongs here too (tests/unit/test_guard_settings.py fails until it is)."""
+
+    # As the server's: a rejected value is never quoted back (the HMAC key, a SASL password).
+    model_config = SettingsConfigDict(
+        env_prefix="SPENDLEDGER_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
+
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    topic_prefix: str = ""
+    kafka_security: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism (JSON)"
+    )
+    user_id_hmac_key: SecretStr | None = Field(
+        default=None, description="the server's key for user-id pseudonyms, so `user:` budgets match"
+    )
+    max_tags: int = Field(default=50, ge=1)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka configuration for a client of this cluster."""
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_security, **extra}
+
+    def attribution_policy(self) -> AttributionPolicy:
+        key = self.user_id_hmac_key.get_secret_value().encode() if self.user_id_hmac_key else None
+        return AttributionPolicy(max_tags=self.max_tags, user_id_hmac_key=key or None)
 
 
 class CompactedView(Generic[T]):
@@ -231,7 +268,8 @@ class BudgetGuard:
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BudgetGuard:
+    def from_settings(cls, settings: GuardSettings) -> BudgetGuard:
+        """A guard (not started) on `settings`' cluster and budget-block topic, normalizing with its policy."""
         return cls(
             settings.kafka_config(), settings.topics.budget_blocks, policy=settings.attribution_policy()
         )

@@ -215,7 +215,10 @@ def build_budget_services(settings: Settings) -> Any:
     registry = CompactedView(
         settings.kafka_config(), settings.topics.budgets, BudgetDefinition.model_validate_json
     )
-    guard = BudgetGuard.from_settings(settings)
+    # From the process's one Settings; a gateway's guard reads the same values through GuardSettings.
+    guard = BudgetGuard(
+        settings.kafka_config(), settings.topics.budget_blocks, policy=settings.attribution_policy()
+    )
     registry.start()
     guard.start()
     return BudgetServices(

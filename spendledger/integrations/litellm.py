@@ -12,9 +12,10 @@ Read from the environment when the proxy loads the module:
 - `SPENDLEDGER_CHECK_TIMEOUT_S` (0.25): a check that takes longer lets the call go ahead; so does a
   ledger that does not answer, which is then not asked again for `SPENDLEDGER_CHECK_COOLDOWN_S` (5).
 - `SPENDLEDGER_CHECK_CACHE_S` (1): how long one answer serves calls with the same attribution.
-- `SPENDLEDGER_KAFKA_BOOTSTRAP` (and `SPENDLEDGER_TOPIC_PREFIX`): read the blocks from the
-  budget-block topic into memory (`BudgetGuard`, `pip install 'spendledger[guard]'`) instead of asking
-  `POST /v1/check`.
+- `SPENDLEDGER_KAFKA_BOOTSTRAP`: read the blocks from the budget-block topic into memory (`BudgetGuard`,
+  `pip install 'spendledger[guard]'`) instead of asking `POST /v1/check`, with the server's other
+  settings for it (`GuardSettings`: `SPENDLEDGER_TOPIC_PREFIX`, `_KAFKA_SECURITY`, `_USER_ID_HMAC_KEY`,
+  `_MAX_TAGS`).
 
 What an event carries: the model and provider, the tokens (cache reads and writes apart), LiteLLM's own
 cost as `reported_cost_usd`, status, latency, the request's tags, the end user, `spend_logs_metadata`
@@ -33,12 +34,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from spendledger.sdk.client import EventSink, SpendClient, new_event_id
 from spendledger.sdk.context import ATTRIBUTION_HEADER_PREFIXES
+
+if TYPE_CHECKING:
+    from spendledger.guard import BudgetGuard, GuardSettings
 
 try:  # the proxy has LiteLLM; the module stays importable (and testable) without it
     from litellm.integrations.custom_logger import CustomLogger
@@ -133,15 +137,16 @@ class HttpCheck:
 class GuardCheck:
     """Answers from the budget-block topic in memory (BudgetGuard); no request per call."""
 
-    def __init__(self, bootstrap: str, topic_prefix: str = "", user_id_hmac_key: str | None = None) -> None:
-        from ledger.tags import AttributionPolicy
+    def __init__(self, guard: BudgetGuard) -> None:
+        self.guard = guard
+
+    @classmethod
+    def from_settings(cls, settings: GuardSettings) -> GuardCheck:
+        """A check on a started guard: the server's cluster, topic and tag policy (user-id pseudonyms,
+        so `user:` budgets match)."""
         from spendledger.guard import BudgetGuard
 
-        # The server's user-id pseudonyms, so `user:` budgets match (SPENDLEDGER_USER_ID_HMAC_KEY).
-        policy = AttributionPolicy(user_id_hmac_key=user_id_hmac_key.encode() if user_id_hmac_key else None)
-        self.guard = BudgetGuard(
-            {"bootstrap.servers": bootstrap}, f"{topic_prefix}spend.budget-blocks", policy=policy
-        ).start()
+        return cls(BudgetGuard.from_settings(settings).start())
 
     async def check(self, request: dict[str, Any]) -> dict[str, Any] | None:
         from ledger.budgets import budget_keys
@@ -423,13 +428,10 @@ def from_environment() -> SpendLedgerHandler:
         )
     checker: HttpCheck | GuardCheck | None = None
     if os.environ.get("SPENDLEDGER_CHECK", "on").strip().lower() not in ("off", "0", "false", "no"):
-        bootstrap = os.environ.get("SPENDLEDGER_KAFKA_BOOTSTRAP")
-        if bootstrap:
-            checker = GuardCheck(
-                bootstrap,
-                os.environ.get("SPENDLEDGER_TOPIC_PREFIX", ""),
-                os.environ.get("SPENDLEDGER_USER_ID_HMAC_KEY"),
-            )
+        if os.environ.get("SPENDLEDGER_KAFKA_BOOTSTRAP"):
+            from spendledger.guard import GuardSettings
+
+            checker = GuardCheck.from_settings(GuardSettings())
         else:
             checker = HttpCheck(
                 url,

@@ -53,18 +53,19 @@ def budget_guard(
 ) -> BudgetGuard:
     """A started `BudgetGuard` that has read `spend.budget-blocks` to its end (or waited `wait_s`).
 
-    Arguments default to the SPENDLEDGER_* settings (`KAFKA_BOOTSTRAP`, `TOPIC_PREFIX`).
-    Check `guard.staleness_s` to decide whether to fail open when it is None or large.
+    Its settings are the server's `SPENDLEDGER_*` variables a guard needs (`GuardSettings`:
+    `KAFKA_BOOTSTRAP`, `TOPIC_PREFIX`, `KAFKA_SECURITY`, `USER_ID_HMAC_KEY`, `MAX_TAGS`); the
+    arguments given override the first two. Check `guard.staleness_s` to decide whether to fail open
+    when it is None or large.
     """
-    from spendledger.guard import BudgetGuard
-    from spendledger.settings import Settings
+    from spendledger.guard import BudgetGuard, GuardSettings
 
     overrides: dict[str, Any] = {}
     if kafka_bootstrap is not None:
         overrides["kafka_bootstrap"] = kafka_bootstrap
     if topic_prefix is not None:
         overrides["topic_prefix"] = topic_prefix
-    guard = BudgetGuard.from_settings(Settings(**overrides)).start()
+    guard = BudgetGuard.from_settings(GuardSettings(**overrides)).start()
     guard.wait_ready(wait_s)
     return guard
 
