@@ -19,8 +19,8 @@ from typing import Any
 from common import machine, progress
 from state_memory import rss_mb
 
-from ledger.join import JoinTimeouts, PendingCall, on_event, on_tick
-from processors.app import JoinState
+from ledger.join import JoinTimeouts, on_event, on_tick
+from processors.ledger_step import JoinState, read_pending
 
 RETENTION_MS = 600_000
 
@@ -54,7 +54,7 @@ def run(calls: int) -> dict[str, Any]:
 
     started = time.perf_counter()
     for raw in state.table.data.values():
-        on_tick(PendingCall.decode(raw), now_ms=filled_ms, timeouts=timeouts)
+        on_tick(read_pending(raw), now_ms=filled_ms, timeouts=timeouts)
     scan_s = time.perf_counter() - started
     return {
         "calls": calls,

@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 from common import clean_env, free_port, machine, progress
 
-from ingest.events import raw_messages, sanitize
+from ingest.events import sanitize
+from schemas.bundles import raw_messages
 from schemas.events import RawEvent
 from spendledger.embedded import EmbeddedSystem
 from spendledger.kafka import ensure_topics, start_tansu

@@ -28,11 +28,6 @@ from ledger.tags import (
     explain,
 )
 from schemas.events import RawEvent
-from schemas.partitions import librdkafka_partition
-
-# A `spend.raw` message holds one event, or a bundle `{"events": [...]}` of events that all
-# belong to its partition, up to this size (Kafka's default message limit is 1 MiB).
-RAW_BUNDLE_MAX_BYTES = 512 * 1024
 
 # Of the original request body only these keys are kept; `messages`, `input`,
 # `prompt` and everything else the model saw is dropped at the door.
@@ -133,48 +128,3 @@ def attribution_warnings(published: list[dict[str, Any]], policy: AttributionPol
             problems = [explain(entry, policy) for entry in invalid]
             warnings.append({"index": index, "event_id": event["event_id"], "problems": problems})
     return warnings
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """Where the API's producer puts a keyed `spend.raw` message (schemas.partitions), so a bundle lands
-    where each of its events would alone."""
-    return librdkafka_partition(key, partitions)
-
-
-def raw_messages(
-    published: list[dict[str, Any]], partitions: int | None, max_bytes: int = RAW_BUNDLE_MAX_BYTES
-) -> list[tuple[bytes, bytes]]:
-    """The `spend.raw` messages for one request's sanitized events, as (key, value).
-
-    Events of the same partition travel as one bundle, keyed by its first event's request_id, in
-    their order: the worker then reads one Kafka message per partition per request instead of one per
-    event (Faust's per-message cost was a quarter of the worker's time). A lone event stays a plain
-    event. `partitions` None (the topic's partitioning not known): one message per event.
-    """
-    singles = [(p["request_id"].encode(), orjson.dumps(p)) for p in published]
-    if partitions is None or len(singles) < 2:
-        return singles
-    groups: dict[int, list[tuple[bytes, bytes]]] = {}
-    for key, value in singles:
-        groups.setdefault(partition_of(key, partitions), []).append((key, value))
-    messages = []
-    for group in groups.values():
-        bundle: list[tuple[bytes, bytes]] = []
-        size = len(_OPEN) + len(_CLOSE)
-        for key, value in group:
-            if bundle and size + len(value) + 1 > max_bytes:
-                messages.append(_bundled(bundle))
-                bundle, size = [], len(_OPEN) + len(_CLOSE)
-            bundle.append((key, value))
-            size += len(value) + 1
-        messages.append(_bundled(bundle))
-    return messages
-
-
-_OPEN, _CLOSE = b'{"events":[', b"]}"
-
-
-def _bundled(events: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
-    if len(events) == 1:
-        return events[0]
-    return events[0][0], _OPEN + b",".join(value for _, value in events) + _CLOSE

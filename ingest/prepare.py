@@ -24,12 +24,13 @@ import orjson
 from pydantic import ValidationError
 
 from ingest.errors import Forbidden, IngestUnavailable, InvalidEvent, InvalidJson, PayloadTooLarge
-from ingest.events import attribution_warnings, raw_messages, sanitize
+from ingest.events import attribution_warnings, sanitize
 from ledger.attribute import attribution_of
 from ledger.errors import UsageError
 from ledger.scopes import Binding
 from ledger.tags import AttributionPolicy
 from ledger.usage import parse_usage
+from schemas.bundles import raw_messages
 from schemas.events import MAX_BATCH_EVENTS, MAX_ID_CHARS, EventBatch, RawEvent, time_bounds
 
 

@@ -41,13 +41,6 @@ class PendingCall:
     usage: RawEventDict | None = None
     done_ms: int | None = None
 
-    def encode(self) -> bytes:
-        return orjson.dumps(self.__dict__)
-
-    @classmethod
-    def decode(cls, data: bytes) -> PendingCall:
-        return cls(**orjson.loads(data))
-
 
 @dataclass(frozen=True)
 class JoinedCall:

@@ -1,30 +1,25 @@
-"""Budget agent state: per-tag accounts (ledger.budgets) persisted in a changelog-backed table.
+"""The budget agent's work, without Faust: per-tag accounts (ledger.budgets) kept in a changelog-backed
+table (`BudgetStore`), and what a batch of `spend.tag-spend` messages or the window timer makes of them
+(`BudgetProcessor`). processors.app only wires these to Faust and the outbox.
 
-Each history bucket, rule and status is its own table key, so a batch writes
-only what it changed (a busy tag's history is never rewritten whole). The
-changelog partition of every key is the `spend.tag-spend` partition its tag
-comes from. The in-memory accounts are rebuilt from the table after recovery.
+Each history bucket, rule and status is its own table key (schemas.state), so a batch writes only what
+it changed. A one-second bucket (the dedupe tier) is written as parts: each batch writes only the ids
+it added, in parts of at most MAX_PART_ID_CHARS characters of ids, so no value outgrows a Kafka message.
+The changelog partition of every key is the `spend.tag-spend` partition its tag comes from.
 
-A second bucket (the dedupe tier) is written as parts, `s|tag|second|n`: each
-batch writes only the ids it added, in parts of at most MAX_PART_ID_CHARS
-characters of ids, so a hot second is never rewritten whole and no value
-outgrows a Kafka message.
-
-Replays: a replayed `spend.tag-spend` message carries the same event ids, and
-each part holds its amount together with the ids counted in it, written in one
-key, so the replay finds them whichever writes of a crashed batch landed.
+Replays: a replayed `spend.tag-spend` message carries the same event ids, and each part holds its amount
+together with the ids counted in it, in one key, so the replay finds them whichever writes of a crashed
+batch landed.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+import logging
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-
-import orjson
 
 from ledger.budgets import (
     Alert,
@@ -37,123 +32,19 @@ from ledger.budgets import (
     Window,
     rule_of,
 )
+from processors import metrics
+from processors.deadletter import describe
+from processors.messages import Output, Rejecter, Source
 from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition, TagSpend
-from schemas.partitions import java_partition
+from schemas.bundles import read_state, read_tag_spend
+from schemas.state import budget_key, dump_state, load_state, read_budget_key
 
-SEP = "\x00"
+log = logging.getLogger(__name__)
 
-SpendItem = tuple[str, int, Decimal]  # event_id, occurred_ms, cost_usd
-
-# Characters of event ids in one stored part of a second bucket: about 300 KB of JSON at most,
-# well under Kafka's default 1 MiB, however many events one tag has in one second.
+# Characters of event ids in one stored part of a second bucket: well under Kafka's default 1 MiB.
 MAX_PART_ID_CHARS = 256 * 1024
 
-# Entries per `spend.tag-spend` message: about 100 KB (550 KB with 256-character event ids),
-# under Kafka's default 1 MiB.
-MAX_SPEND_ENTRIES = 2000
-
-
-@functools.lru_cache(maxsize=16_384)
-def tag_partition(tag: str, partitions: int) -> int:
-    """The partition of a tag's key on `spend.tag-spend` (schemas.partitions: where the worker's
-    producer puts it, with the tag's budget definitions). Memoized: murmur2 is pure Python."""
-    return java_partition(tag.encode(), partitions)
-
-
-def spend_messages(
-    by_tag: Mapping[str, list[SpendItem]], partitions: int
-) -> Iterator[tuple[bytes, bytes, int]]:
-    """The `spend.tag-spend` messages for a batch's spend, as (key, value, partition): one bundle
-    `{"type": "spends", "tags": {tag: [[event_id, occurred_ms, "cost"], ...]}}` per partition, keyed by
-    its first tag, of at most MAX_SPEND_ENTRIES entries. With a tag or two per event and a few events
-    per tag per batch, one message per tag was most of what the budget agent read."""
-    groups: dict[int, list[str]] = {}
-    for tag in by_tag:
-        groups.setdefault(tag_partition(tag, partitions), []).append(tag)
-    for partition, tags in groups.items():
-        bundle: dict[str, list[list[Any]]] = {}
-        size = 0
-        for tag in tags:
-            items = by_tag[tag]
-            for start in range(0, len(items), MAX_SPEND_ENTRIES):
-                if bundle and size + min(len(items) - start, MAX_SPEND_ENTRIES) > MAX_SPEND_ENTRIES:
-                    yield _spends(bundle, partition)
-                    bundle, size = {}, 0
-                part = items[start : start + MAX_SPEND_ENTRIES]
-                bundle.setdefault(tag, []).extend([i, ms, str(c)] for i, ms, c in part)
-                size += len(part)
-        if bundle:
-            yield _spends(bundle, partition)
-
-
-def _spends(bundle: dict[str, list[list[Any]]], partition: int) -> tuple[bytes, bytes, int]:
-    return next(iter(bundle)).encode(), orjson.dumps({"type": "spends", "tags": bundle}), partition
-
-
-def _item(entry: Any, costs: dict[str, Decimal]) -> SpendItem:
-    if not (isinstance(entry, list) and len(entry) == 3):
-        raise TypeError("not [event_id, occurred_ms, cost]")
-    event_id, occurred_ms, cost = entry
-    if not (isinstance(event_id, str) and isinstance(occurred_ms, int) and isinstance(cost, str)):
-        raise TypeError("wrong types")
-    amount = costs.get(cost)
-    if amount is None:
-        amount = costs[cost] = Decimal(cost)
-    return event_id, occurred_ms, amount
-
-
-MAX_STATE_ENTRIES = 2000  # stored keys per `state` message: well under Kafka's 1 MiB
-
-
-def state_messages(entries: Iterable[tuple[int, bytes, bytes]]) -> Iterator[tuple[bytes, bytes, int]]:
-    """`spend.tag-spend` messages that carry stored state (`BudgetStore` keys and values, as written to
-    its table) to the budget agent, as (key, value, partition): `{"type": "state", "entries":
-    [[key, value], ...]}`, one tag's keys per message, at most MAX_STATE_ENTRIES each. A restore sends
-    them to an empty broker before the worker starts (spendledger.restore)."""
-    by_tag: dict[tuple[str, int], list[list[str]]] = {}
-    for partition, key, value in entries:
-        tag = key.decode().split(SEP)[1]
-        by_tag.setdefault((tag, partition), []).append([key.decode(), value.decode()])
-    for (tag, partition), items in by_tag.items():
-        for start in range(0, len(items), MAX_STATE_ENTRIES):
-            chunk = items[start : start + MAX_STATE_ENTRIES]
-            yield tag.encode(), orjson.dumps({"type": "state", "entries": chunk}), partition
-
-
-def read_state(value: bytes | None) -> list[tuple[bytes, bytes]] | None:
-    """The stored keys and values of a `state` message (see `state_messages`); None for any other message."""
-    if value is None or not value.startswith(b'{"type":"state"'):
-        return None
-    entries = orjson.loads(value)["entries"]
-    return [(key.encode(), stored.encode()) for key, stored in entries]
-
-
-def read_tag_spend(key: bytes | None, value: bytes | None) -> list[tuple[str, list[SpendItem] | TagSpend]]:
-    """A `spend.tag-spend` message as (tag, spend items) pairs, or (tag, TagSpend) for a single-tag
-    message (a budget definition, or spend as written before bundles). Raises ValueError."""
-    if value is None or key is None:
-        raise ValueError("a tag-spend message has a key and a value")
-    data = orjson.loads(value)
-    if not (isinstance(data, dict) and data.get("type") == "spends"):
-        return [(key.decode(), TagSpend.model_validate(data))]
-    tags = data.get("tags")
-    if not isinstance(tags, dict):
-        raise ValueError("a spend bundle has a `tags` object")
-    out: list[tuple[str, list[SpendItem] | TagSpend]] = []
-    costs: dict[str, Decimal] = {}  # a call's cost comes once per tag it carries: parsed once
-    for tag, entries in tags.items():
-        try:
-            items = [_item(entry, costs) for entry in entries]
-        except (TypeError, ValueError, InvalidOperation) as exc:
-            raise ValueError(f"a spend entry of {tag!r} is not [event_id, occurred_ms, cost]") from exc
-        out.append((tag, items))
-    return out
-
-
-def compact(raw: bytes) -> bytes:
-    """An exact-size copy: orjson's result keeps a 4 KiB allocation however short it is (measured:
-    4,097 bytes held for a 67-byte value), which, kept in a table, multiplied state memory by 50."""
-    return bytes(memoryview(raw))
+Send = Callable[[int, bytes, bytes | None], None]  # a changelog write: partition, key, value (None: delete)
 
 
 def to_datetime(at_ms: int) -> datetime:
@@ -214,9 +105,9 @@ def budget_alert(alert: Alert, now_ms: int, definition: BudgetDefinition | None 
 class BudgetStore:
     """Accounts by tag, mirrored into a key/value table (`data`) with a changelog (`send`)."""
 
-    def __init__(self, data: MutableMapping[bytes, bytes], send: Any, policy: HistoryPolicy) -> None:
+    def __init__(self, data: MutableMapping[bytes, bytes], send: Send, policy: HistoryPolicy) -> None:
         self.data = data
-        self.send = send  # send(partition, key, value | None)
+        self.send = send
         self.policy = policy
         self.accounts: dict[str, TagAccount] = {}
         self.partitions: dict[str, int] = {}
@@ -251,8 +142,7 @@ class BudgetStore:
             if self.data.pop(raw_key, None) is not None:
                 self.send(partition, raw_key, None)
             return
-        value["p"] = partition
-        raw = compact(orjson.dumps(value))
+        raw = dump_state({**value, "p": partition})
         self.data[raw_key] = raw
         self.send(partition, raw_key, raw)
 
@@ -262,26 +152,26 @@ class BudgetStore:
         partition = self.partitions[tag]
         history = account.history
         for tier, start in history.changed:
-            key = f"{tier}{SEP}{tag}{SEP}{start}"
             if tier == "s":
-                self._persist_second(partition, key, (tag, start), history.seconds.get(start))
+                self._persist_second(partition, tag, start, history.seconds.get(start))
                 continue
             amount = (history.minutes if tier == "m" else history.days).get(start)
-            self._put(partition, key, {"a": str(amount)} if amount is not None else None)
+            self._put(
+                partition, budget_key(tier, tag, start), {"a": str(amount)} if amount is not None else None
+            )
         history.changed.clear()
         if rule:
             definition = self.definitions.get(tag)
-            self._put(
-                partition, f"r{SEP}{tag}", {"def": definition.model_dump(mode="json")} if definition else None
-            )
+            value = {"def": definition.model_dump(mode="json")} if definition else None
+            self._put(partition, budget_key("r", tag), value)
         status = account.status
         if account.rule is None:
             # Nothing to remember without a budget (the clock comes back from the history).
-            self._put(partition, f"t{SEP}{tag}", None)
+            self._put(partition, budget_key("t", tag), None)
             return
         self._put(
             partition,
-            f"t{SEP}{tag}",
+            budget_key("t", tag),
             {
                 "w": [status.window.start_ms, status.window.end_ms] if status.window else None,
                 "spend": str(status.spend),
@@ -295,15 +185,15 @@ class BudgetStore:
             },
         )
 
-    def _persist_second(self, partition: int, key: str, part_key: tuple[str, int], bucket: Any) -> None:
+    def _persist_second(self, partition: int, tag: str, second: int, bucket: Any) -> None:
         if bucket is None:  # moved to the minute tier: forget every part
-            for n in range(self.parts.pop(part_key, 0)):
-                self._put(partition, f"{key}{SEP}{n}", None)
+            for n in range(self.parts.pop((tag, second), 0)):
+                self._put(partition, budget_key("s", tag, second, n), None)
             return
         for ids, amount in bucket.take_unsaved(MAX_PART_ID_CHARS):
-            n = self.parts.get(part_key, 0)
-            self._put(partition, f"{key}{SEP}{n}", {"a": str(amount), "i": ids})
-            self.parts[part_key] = n + 1
+            n = self.parts.get((tag, second), 0)
+            self._put(partition, budget_key("s", tag, second, n), {"a": str(amount), "i": ids})
+            self.parts[(tag, second)] = n + 1
 
     def rebuild(self, partitions: set[int]) -> None:
         """Rebuild the accounts from the table (after recovery), keeping only the given partitions."""
@@ -312,10 +202,9 @@ class BudgetStore:
         self.definitions.clear()
         self.parts.clear()
         foreign: list[bytes] = []
-        legacy: list[tuple[int, bytes]] = []
         for raw_key, raw in list(self.data.items()):
-            value = orjson.loads(raw)
-            kind, tag, *rest = raw_key.decode().split(SEP)
+            value = load_state(raw)
+            kind, tag, parts = read_budget_key(raw_key)
             partition = int(value["p"])
             if partition not in partitions:
                 foreign.append(raw_key)
@@ -323,25 +212,18 @@ class BudgetStore:
             account = self.account(tag, partition)
             history = account.history
             if kind == "s":
-                second = int(rest[0])
-                bucket = history.restore_second(second, Decimal(value["a"]), value["i"])
-                if len(rest) == 1:  # a whole bucket in one key (before parts): written again as a part
-                    legacy.append((partition, raw_key))
-                    # (its amount rides on its first id)
-                    amounts = [Decimal(value["a"])] + [Decimal(0)] * (len(value["i"]) - 1)
-                    bucket.unsaved += zip(value["i"], amounts, strict=True)
-                    history.changed.add(("s", second))
-                else:
-                    self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), int(rest[1]) + 1)
+                second, n = parts
+                history.restore_second(second, Decimal(value["a"]), value["i"])
+                self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), n + 1)
             elif kind == "m":
-                history.minutes[int(rest[0])] = Decimal(value["a"])
+                history.minutes[parts[0]] = Decimal(value["a"])
             elif kind == "d":
-                history.days[int(rest[0])] = Decimal(value["a"])
+                history.days[parts[0]] = Decimal(value["a"])
             elif kind == "r":
                 definition = BudgetDefinition.model_validate(value["def"])
                 self.definitions[tag] = definition
                 account.rule = rule_of(definition)
-            elif kind == "t":
+            else:
                 w = value["w"]
                 account.status = BudgetStatus(
                     window=Window(w[0], w[1]) if w else None,
@@ -356,8 +238,6 @@ class BudgetStore:
                 account.pending = value["pending"]
         for raw_key in foreign:
             self.data.pop(raw_key, None)
-        for partition, raw_key in legacy:
-            self._put(partition, raw_key.decode(), None)
         for account in self.accounts.values():
             account.max_event_ms = max(account.max_event_ms, max(account.history.seconds, default=0))
             account.history.drop_covered()
@@ -368,11 +248,13 @@ class BudgetStore:
         """Store keys and values as they were (a restore's `state` messages), then rebuild the accounts.
         Call it between batches: accounts not yet persisted would be rebuilt without their changes."""
         for key, value in entries:
-            self.data[key] = compact(value)
-            self.send(int(orjson.loads(value)["p"]), key, self.data[key])
+            fields = load_state(value)
+            read_budget_key(key)
+            self.data[key] = dump_state(fields)
+            self.send(int(fields["p"]), key, self.data[key])
         self.rebuild(partitions)
 
-    def compact(self, now_ms: int, partitions: set[int]) -> int:
+    def forget_idle(self, now_ms: int, partitions: set[int]) -> int:
         """Move old buckets to coarser tiers; forget accounts with neither budget nor history."""
         forgotten = 0
         for tag, account in list(self.accounts.items()):
@@ -383,7 +265,7 @@ class BudgetStore:
                 self.persist(account)
             h = account.history
             if account.rule is None and not (h.seconds or h.minutes or h.days):
-                self._put(self.partitions[tag], f"t{SEP}{tag}", None)
+                self._put(self.partitions[tag], budget_key("t", tag), None)
                 del self.accounts[tag]
                 del self.partitions[tag]
                 forgotten += 1
@@ -401,3 +283,132 @@ def outcome_messages(
     if result.change != "none":
         signal = block_signal(account.tag, result.status, account.rule, result.change, now_ms, definition)
     return signal, [budget_alert(a, now_ms, definition) for a in result.alerts]
+
+
+class BudgetProcessor:
+    """What the budget agents do, as plain calls: `apply` a batch of `spend.tag-spend` messages,
+    `tick` the windows on the wall clock, `tidy` old history. Each returns the block signals and
+    alerts to send, as (topic, key, value); state goes to the store's changelog as it changes, and
+    an input that cannot be applied goes to `reject` (one message's or one tag's, never the batch's)."""
+
+    def __init__(self, store: BudgetStore, blocks_topic: str, alerts_topic: str, reject: Rejecter) -> None:
+        self.store = store
+        self.blocks_topic = blocks_topic
+        self.alerts_topic = alerts_topic
+        self.reject = reject
+
+    def apply(self, messages: Sequence[Source], now_ms: int, partitions: set[int]) -> list[Output]:
+        """A batch: restored state first, then definitions and spend in order, then one evaluation
+        per touched tag. `now_ms` is the windows' clock: an event stamped later counts now."""
+        out: list[Output] = []
+        rest = self._load_state(messages, partitions)
+        touched: dict[str, bool] = {}  # tag -> its rule changed
+        deleted: list[tuple[str, BudgetStatus, BudgetRule]] = []
+        last: dict[str, Source] = {}  # per tag, the message a failure to evaluate is reported on
+        for message in rest:
+            try:
+                spends = read_tag_spend(message.key, message.value)
+            except Exception as exc:
+                self.reject("budgets", message, f"cannot apply to a budget: {describe(exc)}")
+                continue
+            for tag, spend in spends:
+                last[tag] = message
+                try:
+                    account = self.store.account(tag, message.partition)
+                    if isinstance(spend, TagSpend):
+                        before = (account.status, account.rule)
+                        self.store.set_definition(account, spend.definition)
+                        account.announce()  # a write's answer waits for this definition's signal
+                        if spend.definition is None and before[1] is not None:
+                            deleted.append((tag, before[0], before[1]))
+                        touched[tag] = True
+                        continue
+                    counted = account.add_spend(spend, now_ms)
+                    metrics.BUDGET_ENTRIES.inc(counted)
+                    metrics.BUDGET_DUPLICATES.inc(len(spend) - counted)
+                    touched.setdefault(tag, False)
+                except Exception as exc:
+                    self.reject("budgets", message, f"cannot apply to {tag!r}'s budget: {describe(exc)}")
+        for tag, status, rule in deleted:
+            try:
+                signal = block_signal(tag, status, rule, "deleted", now_ms).model_copy(
+                    update={"blocked": False}
+                )
+                out.append(self._signal(signal))
+            except Exception as exc:
+                self.reject("budgets", last[tag], f"cannot delete {tag!r}'s budget: {describe(exc)}")
+        for tag, rule_changed in touched.items():
+            try:
+                account = self.store.accounts[tag]
+                out += self._outcome(account, account.evaluate(now_ms), now_ms)
+                self.store.persist(account, rule=rule_changed)
+            except Exception as exc:
+                self.reject("budgets", last[tag], f"cannot evaluate {tag!r}'s budget: {describe(exc)}")
+        metrics.BUDGET_TAGS.set(len(self.store.accounts))
+        return out
+
+    def tick(self, now_ms: int, partitions: set[int]) -> list[Output]:
+        """Windows end without traffic: lift blocks and roll windows on the wall clock."""
+        out: list[Output] = []
+        for account in self.store.budgeted(partitions):
+            if account.due_ms > now_ms:
+                continue  # nothing the clock alone can change yet
+            try:
+                result = account.evaluate(now_ms)
+                if result is not None and (result.change != "none" or result.alerts):
+                    out += self._outcome(account, result, now_ms)
+                    self.store.persist(account)
+            except Exception as exc:  # one budget's failure must not stop the others' windows
+                account.due_ms = now_ms + 60_000
+                log.error("cannot evaluate %r's budget: %s", account.tag, describe(exc))
+        return out
+
+    def tidy(self, now_ms: int, partitions: set[int]) -> None:
+        self.store.forget_idle(now_ms, partitions)
+        metrics.BUDGET_TAGS.set(len(self.store.accounts))
+
+    def rebuild(self, partitions: set[int]) -> None:
+        self.store.rebuild(partitions)
+        metrics.BUDGET_TAGS.set(len(self.store.accounts))
+        log.info(
+            "budget state rebuilt: partitions %s, %d tags, %d keys",
+            sorted(partitions),
+            len(self.store.accounts),
+            len(self.store.data),
+        )
+
+    def _load_state(self, messages: Sequence[Source], partitions: set[int]) -> list[Source]:
+        """Loads the stored state a restore sent (it comes first in its partitions, so before the
+        batch's spend); returns the other messages."""
+        rest, entries = [], []
+        for message in messages:
+            try:
+                found = read_state(message.value)
+            except Exception as exc:
+                self.reject("budgets", message, f"cannot load restored state: {describe(exc)}")
+                continue
+            if found is None:
+                rest.append(message)
+            else:
+                entries += found
+        if entries:
+            try:
+                self.store.load(entries, partitions)
+            except Exception as exc:
+                self.reject("budgets", messages[0], f"cannot load restored state: {describe(exc)}")
+            log.info(
+                "budget state loaded from a restore: %d keys, %d tags", len(entries), len(self.store.accounts)
+            )
+        return rest
+
+    def _outcome(self, account: TagAccount, result: Evaluation | None, now_ms: int) -> list[Output]:
+        signal, alerts = outcome_messages(account, result, now_ms, self.store.definitions.get(account.tag))
+        out = [self._signal(signal)] if signal is not None else []
+        for alert in alerts:
+            metrics.BUDGET_ALERTS.labels(alert.kind).inc()
+            out.append(Output(self.alerts_topic, alert.tag.encode(), alert.model_dump_json().encode()))
+        return out
+
+    def _signal(self, signal: BlockSignal) -> Output:
+        metrics.BUDGET_SIGNALS.labels(signal.change).inc()
+        return Output(self.blocks_topic, signal.tag.encode(), signal.model_dump_json().encode())

@@ -44,18 +44,11 @@ class BudgetDefinition(BaseModel):
     user_key_id: str | None = None
 
 
-class SpendEntry(BaseModel):
-    event_id: str
-    occurred_ms: int
-    cost_usd: Decimal
-
-
 class TagSpend(BaseModel):
-    """Value on `spend.tag-spend` (key: the tag): the spend of one attribute batch for the tag,
-    or a budget definition forwarded from `spend.budgets` (so both arrive in order per tag)."""
+    """A budget definition forwarded from `spend.budgets` into `spend.tag-spend` (key: the tag), so
+    definitions and spend arrive in order per tag (schemas.bundles). None: the budget was deleted."""
 
-    type: Literal["spend", "budget"]
-    entries: list[SpendEntry] = Field(default_factory=list)
+    type: Literal["budget"]
     definition: BudgetDefinition | None = None
 
 

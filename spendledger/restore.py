@@ -37,7 +37,6 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Producer
 
-from ingest.events import raw_messages
 from ledger.budgets import (
     DAY_MS,
     MINUTE_MS,
@@ -48,9 +47,10 @@ from ledger.budgets import (
     evaluate,
     rule_of,
 )
-from processors.budgets import BudgetStore, block_signal, state_messages, tag_partition
+from processors.budgets import BudgetStore, block_signal
 from processors.sink import id_slices
 from schemas.budgets import BudgetDefinition
+from schemas.bundles import raw_messages, state_messages, tag_partition
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 from schemas.topics import Topics
 from spendledger.errors import StartupError
@@ -382,7 +382,12 @@ def restore(
     say(f"    reading spend by tag from spend_records for {len(definitions)} budgets")
     accounts = rebuild_accounts(load_spend(client, policy, now_ms), definitions, policy, now_ms)
     stored: list[tuple[int, bytes, bytes]] = []
-    store = BudgetStore({}, lambda p, k, v: stored.append((p, k, v)), policy)
+
+    def keep(partition: int, key: bytes, value: bytes | None) -> None:
+        if value is not None:  # (a store that starts empty deletes nothing)
+            stored.append((partition, key, value))
+
+    store = BudgetStore({}, keep, policy)
     for tag, account in accounts.items():
         store.accounts[tag] = account
         store.partitions[tag] = tag_partition(tag, partitions)

@@ -20,8 +20,8 @@ from ingest.publisher import InMemoryPublisher
 from ledger.attribute import Attributor
 from ledger.join import PendingCall, on_event, on_tick
 from ledger.pricing import PriceBook
-from processors.app import raw_events, tag_spend_entries
 from processors.deadletter import dead_letter, describe
+from processors.ledger_step import raw_events, tag_spend_entries
 from processors.sink import ClickHouseStore, Message, Sink
 from schemas.events import RawEvent, time_bounds
 from spendledger.settings import Settings

@@ -310,8 +310,8 @@ def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledg
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from ingest.events import partition_of
     from ingest.publisher import KafkaPublisher
+    from schemas.partitions import librdkafka_partition as partition_of
 
     # librdkafka's default partitioner, on the real broker, is what the API groups by.
     scratch = uid("partitions")
@@ -321,7 +321,7 @@ def test_a_batch_travels_in_bundles_placed_where_librdkafka_puts_each_event(ledg
     assert len(placed) == 200 and len(set(placed.values())) == 4
     assert placed == {key: partition_of(key, 4) for key in placed}
     # The worker's producer (murmur2, as the Java client and Faust) is what spend bundles group by.
-    from processors.budgets import tag_partition
+    from schemas.bundles import tag_partition
 
     keys = [f"team:t{i}".encode() for i in range(200)]
     tagged = placements(ledger.bootstrap, scratch, keys, partitioner="murmur2_random")

@@ -359,7 +359,7 @@ def test_budget_store_rebuilds_the_same_accounts_from_its_table():
     other = store.account("team:b", 3)
     other.add_spend([("e9", NOW, D("9"))])
     store.persist(other)
-    store.compact(NOW + 2000, {2, 3})  # e1 moves to a day bucket
+    store.forget_idle(NOW + 2000, {2, 3})  # e1 moves to a day bucket
     assert account.history.days
 
     rebuilt = BudgetStore(dict(data), lambda *_: None, policy)
@@ -401,7 +401,7 @@ def test_a_hot_second_is_written_in_parts_holding_only_new_ids():
     assert b"s\x00env:prod\x00" + str(NOW).encode() + b"\x003" in rebuilt.data  # numbering continues
 
     # Moving the second to the minute tier forgets every part.
-    store.compact(NOW + policy.dedupe_ms + 2 * MINUTE_MS, {1})
+    store.forget_idle(NOW + policy.dedupe_ms + 2 * MINUTE_MS, {1})
     assert not [k for k in data if k.startswith(b"s\x00")]
     assert data[b"m\x00env:prod\x00" + str(NOW // MINUTE_MS * MINUTE_MS).encode()]
 
@@ -432,16 +432,29 @@ def test_a_second_too_big_for_one_message_is_written_in_parts_each_with_its_own_
     assert rebuilt.accounts["env:prod"].history.seconds[NOW].amount == D("600.00")
 
 
-def test_a_whole_second_bucket_from_before_parts_is_rewritten_as_a_part():
+def test_stored_state_carries_its_version_and_a_newer_one_is_refused_not_misread():
     from processors.budgets import BudgetStore
+    from schemas.state import STATE_VERSION, StateFormatError
 
-    legacy_key = b"s\x00team:a\x00" + str(NOW).encode()
-    data = {legacy_key: orjson.dumps({"a": "0.5", "i": ["e1", "e2"], "p": 0})}
+    data: dict[bytes, bytes] = {}
     store = BudgetStore(data, lambda *_: None, HistoryPolicy())
-    store.rebuild({0})
-    assert legacy_key not in data
-    assert orjson.loads(data[legacy_key + b"\x000"])["i"] == ["e1", "e2"]
-    assert store.accounts["team:a"].history.seconds[NOW].amount == D("0.5")
+    account = store.account("team:a", 0)
+    account.add_spend([("e1", NOW, D("0.5"))], NOW)
+    store.persist(account)
+    assert data and all(orjson.loads(v)["v"] == STATE_VERSION for v in data.values())
+    unversioned = {
+        k: orjson.dumps({f: x for f, x in orjson.loads(v).items() if f != "v"}) for k, v in data.items()
+    }
+    again = BudgetStore(unversioned, lambda *_: None, HistoryPolicy())  # as 0.1.0 wrote it: version 1
+    again.rebuild({0})
+    assert again.accounts["team:a"].history.seconds[NOW].amount == D("0.5")
+    newer = {k: orjson.dumps({**orjson.loads(v), "v": STATE_VERSION + 1}) for k, v in data.items()}
+    with pytest.raises(StateFormatError, match="version 2"):
+        BudgetStore(newer, lambda *_: None, HistoryPolicy()).rebuild({0})
+    with pytest.raises(StateFormatError, match="not a budget-state key"):
+        BudgetStore({b"s\x00team:a\x001": data[next(iter(data))]}, lambda *_: None, HistoryPolicy()).rebuild(
+            {0}
+        )
 
 
 def test_a_duplicate_stamped_with_another_time_counts_once_until_it_leaves_the_dedupe_tier():

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from ledger.join import JoinStep, JoinTimeouts, PendingCall, on_event, on_tick
-from processors.app import JoinState
+from processors.ledger_step import JoinState
+from schemas.state import dump_state
 
 T = JoinTimeouts(request_timeout_ms=60_000, usage_wait_ms=5_000, done_retention_ms=600_000)
 
@@ -70,9 +71,8 @@ def test_a_rebuild_indexes_the_recovered_partitions_only() -> None:
     state, _ = make_state()
     for n, partition in enumerate([0, 1, 2, 1]):
         rid = f"r{n}"
-        state.table.data[rid.encode()] = PendingCall(
-            partition=partition, first_seen_ms=0, request=event("request", rid)
-        ).encode()
+        call = PendingCall(partition=partition, first_seen_ms=0, request=event("request", rid))
+        state.table.data[rid.encode()] = dump_state(call.__dict__)
     state.rebuild({1})
     assert state.pending == {b"r1", b"r3"}
     assert sorted(k for k, _ in state.due(60_000)) == [b"r1", b"r3"]

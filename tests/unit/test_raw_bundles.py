@@ -5,8 +5,9 @@ from decimal import Decimal
 
 import orjson
 
-from ingest.events import partition_of, raw_messages
-from processors.app import Bundled, raw_events
+from processors.ledger_step import Bundled, raw_events
+from schemas.bundles import raw_messages
+from schemas.partitions import librdkafka_partition as partition_of
 
 
 def events(n: int, prefix: str = "r") -> list[dict]:
@@ -97,8 +98,8 @@ def test_a_large_batch_spends_in_bundles_of_bounded_size_on_each_tags_partition(
     from datetime import UTC, datetime
     from decimal import Decimal
 
-    from processors.app import tag_spend_messages
-    from processors.budgets import MAX_SPEND_ENTRIES, read_tag_spend, tag_partition
+    from processors.ledger_step import tag_spend_messages
+    from schemas.bundles import MAX_SPEND_ENTRIES, read_tag_spend, tag_partition
     from schemas.records import AttributedRecord
 
     at = datetime(2026, 11, 30, tzinfo=UTC)
@@ -127,11 +128,11 @@ def test_a_large_batch_spends_in_bundles_of_bounded_size_on_each_tags_partition(
     assert len(counted) == 3 + 36 and sum(map(len, counted.values())) == 3 * len(priced)
 
 
-def test_the_budget_agent_reads_bundles_and_single_tag_messages_and_refuses_bad_ones():
+def test_the_budget_agent_reads_bundles_and_forwarded_definitions_and_refuses_bad_ones():
     import pytest
 
-    from processors.budgets import read_tag_spend
     from schemas.budgets import TagSpend
+    from schemas.bundles import read_tag_spend
 
     bundle = orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5, "0.5"]], "b": [["e1", 5, "0.5"]]}})
     assert [(t, [i[2] for i in items]) for t, items in read_tag_spend(b"a", bundle)] == [
@@ -147,6 +148,9 @@ def test_the_budget_agent_reads_bundles_and_single_tag_messages_and_refuses_bad_
         orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5]]}}),
         orjson.dumps({"type": "spends", "tags": {"a": [["e1", 5, "x"]]}}),
         orjson.dumps({"type": "other"}),
+        orjson.dumps([1, 2]),
+        # the single-tag spend of before bundles is no longer read
+        orjson.dumps({"type": "spend", "entries": [{"event_id": "e1", "occurred_ms": 5, "cost_usd": "1"}]}),
     ):
         with pytest.raises(ValueError):
             read_tag_spend(b"a", bad)
@@ -160,7 +164,7 @@ def test_spend_counts_for_model_and_provider_and_at_the_receive_time_when_stampe
     from datetime import UTC, datetime
     from decimal import Decimal
 
-    from processors.app import tag_spend_entries
+    from processors.ledger_step import tag_spend_entries
     from schemas.records import AttributedRecord
 
     received = datetime(2026, 12, 1, 23, 59, tzinfo=UTC)
@@ -187,7 +191,7 @@ def test_a_back_dated_call_counts_when_it_was_received():
     from datetime import UTC, datetime, timedelta
     from decimal import Decimal
 
-    from processors.app import tag_spend_entries
+    from processors.ledger_step import tag_spend_entries
     from schemas.records import AttributedRecord
 
     received = datetime(2026, 12, 2, 10, tzinfo=UTC)

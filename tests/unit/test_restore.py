@@ -79,7 +79,8 @@ def test_a_budget_with_no_spend_yet_starts_clear() -> None:
 
 def test_the_rebuilt_state_reaches_the_budget_agent_as_messages_and_loads_as_it_was() -> None:
     """restore -> `state` messages on spend.tag-spend -> the agent's store: the same accounts."""
-    from processors.budgets import BudgetStore, read_state, state_messages, tag_partition
+    from processors.budgets import BudgetStore
+    from schemas.bundles import read_state, state_messages, tag_partition
 
     definitions = {"team:a": definition("team:a", "2", "1d")}
     accounts = rebuild_accounts(rows(), definitions, POLICY, NOW)
