@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
@@ -53,10 +53,18 @@ Destinations = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,6
 _HASHED_USER = re.compile(r"^uh_[0-9a-f]{32}$")
 
 
+# A tag and a window [start, end) of its spend.
+SpendWindow = tuple[str, datetime, datetime]
+
+
 class SpendReader(Protocol):
     """Spend as the ledger holds it (ClickHouse in production)."""
 
     def spend(self, tag: str, start: datetime, end: datetime) -> Decimal: ...
+
+    def spends(self, windows: Sequence[SpendWindow]) -> dict[SpendWindow, Decimal]:
+        """`spend` of each window, in one query: a listing costs one query, not one per budget."""
+        ...
 
     def app_name(self, app_id: str) -> str: ...
 
@@ -207,156 +215,52 @@ def build_definition(
     return definition
 
 
-def create_router(
-    services: BudgetServices,
-    publisher: EventPublisher,
-    topic: str,
-    *,
-    require_manage: Any,
-    require_read: Any,
-    require_check: Any,
-) -> APIRouter:
-    router = APIRouter()
-    registry, guard = services.registry, services.guard
-    Admin = Annotated[Any, Depends(require_manage)]
-    Reader = Annotated[Any, Depends(require_read)]
-    Caller = Annotated[Any, Depends(require_check)]
+class BudgetDesk:
+    """The budget endpoints' work, without HTTP: each method takes a request's body and returns its answer,
+    or raises the `ingest.errors` refusal the app maps to a status. It reads `services` at each call (a
+    test may swap the clock or the policy)."""
 
-    def require_current() -> None:
-        if registry.staleness_s is None:
+    def __init__(self, services: BudgetServices, publisher: EventPublisher, topic: str) -> None:
+        self.services = services
+        self._publisher = publisher
+        self._topic = topic
+
+    def require_current(self) -> None:
+        if self.services.registry.staleness_s is None:
             raise BudgetsUnavailable(
                 "budgets are still being read from Kafka; retry shortly", retry_after_s=2
             )
 
-    def lookup(name: str) -> tuple[str, BudgetDefinition | None]:
+    def lookup(self, name: str) -> tuple[str, BudgetDefinition | None]:
         """The budget of a name: under its canonical tag, or under the exact name (a `model:`/`provider:`
         budget created before those names were made canonical)."""
-        tag = canonical_tag(name, services.policy)
+        registry = self.services.registry
+        tag = canonical_tag(name, self.services.policy)
         definition = registry.get(tag)
         if definition is None and registry.get(name.strip()) is not None:
             return name.strip(), registry.get(name.strip())
         return tag, definition
 
-    def existing(name: str) -> tuple[str, BudgetDefinition]:
-        tag, definition = lookup(name)
+    def existing(self, name: str) -> tuple[str, BudgetDefinition]:
+        tag, definition = self.lookup(name)
         if definition is None:
             raise NotFound(f"no budget for tag {tag!r}", {"tag": tag})
         return tag, definition
 
-    async def save(definition: BudgetDefinition | None, tag: str) -> None:
-        value = definition.model_dump_json().encode() if definition else None
-        await publisher.publish(topic, [(tag.encode(), value)])
-        registry.put(tag, definition)
-
-    def current_window(definition: BudgetDefinition, now: datetime) -> Window:
+    def window(self, definition: BudgetDefinition, now: datetime) -> Window:
         """The budget's window now, from the wall clock (never from event times)."""
-        return rule_of(definition).window_at(int(now.timestamp() * 1000), services.tz)
+        return rule_of(definition).window_at(_ms(now), self.services.tz)
 
-    def key_id() -> str | None:
-        """A fingerprint of the HMAC key user ids are hashed with (never the key)."""
-        key = services.policy.user_id_hmac_key
-        return hashlib.sha256(b"spendledger-user-key:" + key).hexdigest()[:12] if key else None
-
-    def agent_view(definition: BudgetDefinition, window: Window) -> BlockSignal | None:
-        """The budget agent's latest signal, when it is about this budget in this window."""
-        signal = guard.view.get(definition.tag)
-        if signal is None or signal.change == "deleted":
-            return None
-        if signal.definition_updated_at is not None:
-            if signal.definition_updated_at != definition.updated_at:
-                return None  # decided under another version of the budget
-        elif signal.max_budget_usd != definition.max_budget_usd:
-            return None
-        start, end = _ms(signal.window_start), _ms(signal.window_end)
-        if definition.window == "sliding":
-            # The window moves each minute; the agent's is current if it ended at most a minute ago.
-            return (
-                signal
-                if end - start == window.end_ms - window.start_ms and end >= window.end_ms - 60_000
-                else None
-            )
-        return signal if (start, end) == (window.start_ms, window.end_ms) else None
-
-    async def applied(definition: BudgetDefinition) -> None:
-        """Wait (at most `answer_wait_s`) until the budget agent has applied this definition."""
-        deadline = time.monotonic() + services.answer_wait_s
-        while time.monotonic() < deadline:
-            signal = guard.view.get(definition.tag)
-            if signal is not None and signal.definition_updated_at == definition.updated_at:
-                return
-            await asyncio.sleep(0.05)
-
-    async def info(definition: BudgetDefinition) -> dict[str, Any]:
-        now = services.clock()
-        window = current_window(definition, now)
-        start, end = _dt(window.start_ms), _dt(window.end_ms)
-        ledger_spend = await asyncio.to_thread(services.spend.spend, definition.tag, start, end)
-        signal = agent_view(definition, window)
-        if signal is not None:
-            spend, blocked, source = signal.spend_usd, signal.blocked, "budget_agent"
-            blocked_until = (signal.block_ends_at or signal.window_end) if blocked else None
-            fired, soft_fired = signal.thresholds_fired, signal.soft_budget_fired
-        else:
-            # The agent has not spoken in this window yet: the ledger's figure, judged the agent's way.
-            spend, source = ledger_spend, "ledger"
-            blocked = definition.max_budget_usd is not None and spend >= definition.max_budget_usd
-            blocked_until = end if blocked else None
-            fired, soft_fired = [], False
-        duration = parse_duration(definition.budget_duration)
-        projection = (
-            project(spend, definition.max_budget_usd, window, int(now.timestamp() * 1000))
-            if definition.window == "calendar"
-            else None
-        )
-        answer: dict[str, Any] = {
-            "name": definition.tag,
-            "max_budget": definition.max_budget_usd,
-            "soft_budget": definition.soft_budget_usd,
-            "budget_duration": definition.budget_duration,
-            "window": definition.window,
-            "window_rule": describe_window(duration, definition.window, services.tz),
-            "alert_thresholds": definition.alert_thresholds,
-            "alert_destinations": definition.alert_destinations,
-            "spend": spend,
-            "spend_source": source,
-            "ledger_spend": ledger_spend,
-            "window_start": start,
-            "budget_reset_at": end,
-            "blocked": blocked,
-            "blocked_until": blocked_until,
-            "thresholds_fired": fired,
-            "soft_budget_alerted": soft_fired,
-            "projected_spend": projection.spend if projection else None,
-            "projected_exhausted_at": _dt(projection.exhausted_at_ms)
-            if projection and projection.exhausted_at_ms is not None
-            else None,
-            "evaluated_at": signal.updated_at if signal is not None else None,
-            "source": definition.source,
-            "description": definition.description,
-            "created_at": definition.created_at,
-            "updated_at": definition.updated_at,
-        }
-        if definition.user_key_id is not None and definition.user_key_id != key_id():
-            answer["warning"] = (
-                "this user budget's id was hashed with another USER_ID_HMAC_KEY: it matches no new spend; "
-                "delete it and create it again with the user's id"
-            )
-        return answer
-
-    @router.post("/tag/new", response_class=ExactJSONResponse, responses={409: {}, 422: {}})
-    async def tag_new(body: TagNew, _: Admin) -> ExactJSONResponse:
-        """Create a tag budget (LiteLLM-compatible). `max_budget` USD; `budget_duration` `Ns|Nm|Nh|Nd|Nmo`
-        (`30d` is the calendar month, `24h` the day). The answer says which window applies and how much
-        spend it already counts."""
-        require_current()
+    async def create(self, body: TagNew) -> dict[str, Any]:
+        self.require_current()
         if body.models:
             raise InvalidBudget(
                 "models restricts which models a tag may be routed to, which a gateway does, not the ledger; "
                 "for a budget on a model, create one named 'model:<model>'",
                 {"field": "models"},
             )
-        tag = canonical_tag(body.name, services.policy)
-        if registry.get(tag) is not None:
+        tag = canonical_tag(body.name, self.services.policy)
+        if self.services.registry.get(tag) is not None:
             raise Conflict(f"tag {tag!r} already has a budget; change it with POST /tag/update", {"tag": tag})
         definition = build_definition(
             tag,
@@ -365,55 +269,18 @@ def create_router(
             duration=body.budget_duration,
             thresholds=body.alert_thresholds,
             window=body.window,
-            now=services.clock(),
+            now=self.services.clock(),
             description=body.description,
             destinations=body.alert_destinations,
-            known_destinations=services.alert_destinations,
-            user_key_id=key_id(),
+            known_destinations=self.services.alert_destinations,
+            user_key_id=key_fingerprint(self.services.policy),
         )
-        await save(definition, tag)
-        await applied(definition)
-        return ExactJSONResponse(await info(definition))
+        await self.save(tag, definition)
+        return await self.info(definition)
 
-    async def infos(names: list[str]) -> ExactJSONResponse:
-        found: dict[str, Any] = {}
-        missing = []
-        for name in names:
-            tag, definition = lookup(name)
-            if definition is None:
-                missing.append(tag)
-            else:
-                found[tag] = await info(definition)
-        if missing:
-            raise NotFound(f"no budget for {', '.join(missing)}", {"unknown": missing})
-        return ExactJSONResponse(found)
-
-    @router.get("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
-    async def tag_info(
-        _: Reader, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
-    ) -> ExactJSONResponse:
-        """Budget, spend in the current window, reset time and block state, keyed by tag name."""
-        require_current()
-        return await infos([n.strip() for n in names.split(",") if n.strip()])
-
-    @router.post("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
-    async def tag_info_post(body: TagInfoRequest, _: Reader) -> ExactJSONResponse:
-        """`/tag/info` as LiteLLM's proxy takes it: `{"names": [...]}`."""
-        require_current()
-        return await infos([n.strip() for n in body.names if n.strip()])
-
-    @router.get("/tag/list", response_class=ExactJSONResponse)
-    async def tag_list(_: Reader) -> ExactJSONResponse:
-        """Every tag budget, as `/tag/info` describes it, sorted by tag."""
-        require_current()
-        definitions = sorted(registry.items())
-        return ExactJSONResponse([await info(definition) for _, definition in definitions])
-
-    @router.post("/tag/update", response_class=ExactJSONResponse, responses={404: {}, 422: {}})
-    async def tag_update(body: TagUpdate, _: Admin) -> ExactJSONResponse:
-        """Change any of a budget's fields; the others stay. A raised budget lifts its block."""
-        require_current()
-        tag, old = existing(body.name)
+    async def update(self, body: TagUpdate) -> dict[str, Any]:
+        self.require_current()
+        tag, old = self.existing(body.name)
         sent = body.model_fields_set
         definition = build_definition(
             tag,
@@ -422,31 +289,126 @@ def create_router(
             duration=body.budget_duration if "budget_duration" in sent else old.budget_duration,
             thresholds=body.alert_thresholds if "alert_thresholds" in sent else old.alert_thresholds,
             window=body.window or old.window,
-            now=services.clock(),
+            now=self.services.clock(),
             previous=old,
             source=old.source,
             destinations=body.alert_destinations if "alert_destinations" in sent else None,
-            known_destinations=services.alert_destinations,
+            known_destinations=self.services.alert_destinations,
             user_key_id=old.user_key_id,  # the id was hashed when the budget was created
         )
-        await save(definition, tag)
-        await applied(definition)
-        return ExactJSONResponse(await info(definition))
+        await self.save(tag, definition)
+        return await self.info(definition)
 
-    @router.post("/tag/delete", responses={404: {}})
-    async def tag_delete(body: TagDelete, _: Admin) -> dict[str, Any]:
-        """Delete a budget (its spend stays in the ledger); a block on it lifts."""
-        require_current()
-        tag, _definition = existing(body.name)
-        await save(None, tag)
+    async def delete(self, body: TagDelete) -> dict[str, Any]:
+        self.require_current()
+        tag, _definition = self.existing(body.name)
+        await self.save(tag, None)
         return {"deleted": [tag]}
 
-    @router.post("/v1/limits/app", response_class=ExactJSONResponse, responses={422: {}})
-    async def set_app_limit(body: AppLimit, _: Admin) -> ExactJSONResponse:
-        """Set (or replace) an app's spending limit in credits (100 = $1): a budget on the tag `app:<app_id>`."""
-        require_current()
-        tag = _app_tag(body.app_id, services.policy)
-        previous = registry.get(tag)
+    async def save(self, tag: str, definition: BudgetDefinition | None) -> None:
+        """Publish the definition (None: a tombstone) and wait until the budget agent has applied it."""
+        value = definition.model_dump_json().encode() if definition else None
+        await self._publisher.publish(self._topic, [(tag.encode(), value)])
+        self.services.registry.put(tag, definition)
+        if definition is not None:
+            await self._applied(definition)
+
+    async def _applied(self, definition: BudgetDefinition) -> None:
+        """Wait (at most `answer_wait_s`) until the budget agent has applied this definition."""
+        deadline = time.monotonic() + self.services.answer_wait_s
+        while time.monotonic() < deadline:
+            signal = self.services.guard.view.get(definition.tag)
+            if signal is not None and signal.definition_updated_at == definition.updated_at:
+                return
+            await asyncio.sleep(0.05)
+
+    async def info(self, definition: BudgetDefinition) -> dict[str, Any]:
+        return (await self.describe([definition]))[0]
+
+    async def infos(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The named budgets, keyed by tag; NotFound names every name without one."""
+        self.require_current()
+        found: dict[str, BudgetDefinition] = {}
+        missing = []
+        for name in names:
+            tag, definition = self.lookup(name)
+            if definition is None:
+                missing.append(tag)
+            else:
+                found.setdefault(tag, definition)
+        answers = await self.describe(list(found.values()))
+        if missing:
+            raise NotFound(f"no budget for {', '.join(missing)}", {"unknown": missing})
+        return dict(zip(found, answers, strict=True))
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every budget, sorted by tag."""
+        self.require_current()
+        return await self.describe([definition for _, definition in sorted(self.services.registry.items())])
+
+    async def describe(self, definitions: list[BudgetDefinition]) -> list[dict[str, Any]]:
+        """`/tag/info`'s answer for each budget, at one instant, with one query for all their ledger spends."""
+        now = self.services.clock()
+        windows = [self.window(definition, now) for definition in definitions]
+        keys = [(d.tag, _dt(w.start_ms), _dt(w.end_ms)) for d, w in zip(definitions, windows, strict=True)]
+        ledger = await asyncio.to_thread(self.services.spend.spends, keys) if keys else {}
+        return [
+            self._answer(definition, window, ledger[key], now)
+            for definition, window, key in zip(definitions, windows, keys, strict=True)
+        ]
+
+    def _answer(
+        self, definition: BudgetDefinition, window: Window, ledger_spend: Decimal, now: datetime
+    ) -> dict[str, Any]:
+        signal = agent_view(definition, self.services.guard.view.get(definition.tag), window)
+        state = budget_state(definition, signal, ledger_spend, _dt(window.end_ms))
+        projection = (
+            project(state.spend, definition.max_budget_usd, window, _ms(now))
+            if definition.window == "calendar"
+            else None
+        )
+        duration = parse_duration(definition.budget_duration)
+        answer: dict[str, Any] = {
+            "name": definition.tag,
+            "max_budget": definition.max_budget_usd,
+            "soft_budget": definition.soft_budget_usd,
+            "budget_duration": definition.budget_duration,
+            "window": definition.window,
+            "window_rule": describe_window(duration, definition.window, self.services.tz),
+            "alert_thresholds": definition.alert_thresholds,
+            "alert_destinations": definition.alert_destinations,
+            "spend": state.spend,
+            "spend_source": state.source,
+            "ledger_spend": ledger_spend,
+            "window_start": _dt(window.start_ms),
+            "budget_reset_at": _dt(window.end_ms),
+            "blocked": state.blocked,
+            "blocked_until": state.blocked_until,
+            "thresholds_fired": state.thresholds_fired,
+            "soft_budget_alerted": state.soft_budget_alerted,
+            "projected_spend": projection.spend if projection else None,
+            "projected_exhausted_at": _dt(projection.exhausted_at_ms)
+            if projection and projection.exhausted_at_ms is not None
+            else None,
+            "evaluated_at": state.evaluated_at,
+            "source": definition.source,
+            "description": definition.description,
+            "created_at": definition.created_at,
+            "updated_at": definition.updated_at,
+        }
+        if definition.user_key_id is not None and definition.user_key_id != key_fingerprint(
+            self.services.policy
+        ):
+            answer["warning"] = (
+                "this user budget's id was hashed with another USER_ID_HMAC_KEY: it matches no new spend; "
+                "delete it and create it again with the user's id"
+            )
+        return answer
+
+    async def set_app_limit(self, body: AppLimit) -> dict[str, Any]:
+        self.require_current()
+        tag = _app_tag(body.app_id, self.services.policy)
+        previous = self.services.registry.get(tag)
         if previous is not None and previous.source != "app_limit":
             raise Conflict(
                 f"{tag!r} already has a budget from /tag/new (max_budget {previous.max_budget_usd} USD per "
@@ -460,69 +422,57 @@ def create_router(
             duration=LIMIT_DURATIONS[body.limit_type],
             thresholds=body.alert_thresholds,
             window="calendar",
-            now=services.clock(),
+            now=self.services.clock(),
             previous=previous,
             source="app_limit",
-            known_destinations=services.alert_destinations,
+            known_destinations=self.services.alert_destinations,
         )
-        await save(definition, tag)
-        await applied(definition)
-        window = current_window(definition, services.clock())
-        return ExactJSONResponse(
-            {
-                "success": True,
-                "app_id": body.app_id,
-                "tag": tag,
-                "limit_type": body.limit_type,
-                "limit_amount": body.limit_amount,
-                "alert_thresholds": definition.alert_thresholds,
-                "window_start": _dt(window.start_ms),
-                "window_end": _dt(window.end_ms),
-            }
-        )
+        await self.save(tag, definition)
+        window = self.window(definition, self.services.clock())
+        return {
+            "success": True,
+            "app_id": body.app_id,
+            "tag": tag,
+            "limit_type": body.limit_type,
+            "limit_amount": body.limit_amount,
+            "alert_thresholds": definition.alert_thresholds,
+            "window_start": _dt(window.start_ms),
+            "window_end": _dt(window.end_ms),
+        }
 
-    @router.get("/v1/usage/app/{app_id}/current", response_class=ExactJSONResponse)
-    async def app_usage(app_id: str, _: Reader) -> ExactJSONResponse:
-        """Usage in the current limit window, in credits (100 = $1); the calendar month when no limit is set."""
-        require_current()
+    async def app_usage(self, app_id: str) -> dict[str, Any]:
+        self.require_current()
+        services = self.services
         tag = _app_tag(app_id, services.policy)
-        definition = registry.get(tag)
-        limit_type = _limit_type(definition.budget_duration) if definition else None
+        definition = services.registry.get(tag)
         now = services.clock()
         if definition is not None:
-            window = current_window(definition, now)
+            window = self.window(definition, now)
         else:
-            window = calendar_window(Duration(1, "mo"), int(now.timestamp() * 1000), services.tz)
+            window = calendar_window(Duration(1, "mo"), _ms(now), services.tz)
         start, end = _dt(window.start_ms), _dt(window.end_ms)
         spend, name = await asyncio.gather(
             asyncio.to_thread(services.spend.spend, tag, start, end),
             asyncio.to_thread(services.spend.app_name, app_id),
         )
         usage = spend * CREDITS_PER_USD
-        limit = (
-            definition.max_budget_usd * CREDITS_PER_USD
-            if definition and definition.max_budget_usd is not None
-            else None
-        )
-        percent = (usage * 100 / limit).quantize(Decimal("0.01")) if limit else None
-        return ExactJSONResponse(
-            {
-                "app_id": app_id,
-                "app_name": name,
-                "current_usage": usage,
-                "limit": limit,
-                "usage_percent": percent,
-                "limit_type": limit_type,
-                "window_start": start,
-                "window_end": end,
-                "blocked": not guard.check([tag]).allowed,
-            }
-        )
+        max_budget = definition.max_budget_usd if definition else None
+        limit = max_budget * CREDITS_PER_USD if max_budget is not None else None
+        return {
+            "app_id": app_id,
+            "app_name": name,
+            "current_usage": usage,
+            "limit": limit,
+            "usage_percent": (usage * 100 / limit).quantize(Decimal("0.01")) if limit else None,
+            "limit_type": _limit_type(definition.budget_duration) if definition else None,
+            "window_start": start,
+            "window_end": end,
+            "blocked": not services.guard.check([tag]).allowed,
+        }
 
-    @router.post("/v1/check", responses={503: {}})
-    async def check(body: CheckRequest, key: Caller) -> dict[str, Any]:
-        """May a call with this attribution go ahead? Answered from memory, like an embedded BudgetGuard.
-        A bound producer key asks only about what it may claim (403 otherwise, as its events would get)."""
+    def check(self, body: CheckRequest, binding: Any) -> dict[str, Any]:
+        """The guard's decision for the call's budget keys; a bound key (`binding`) asks only what it may claim."""
+        guard = self.services.guard
         if guard.staleness_s is None:
             raise BudgetsUnavailable(
                 "block state is still being read from Kafka; retry shortly", retry_after_s=1
@@ -531,17 +481,144 @@ def create_router(
             headers=body.headers,
             metadata=[body.metadata, {"tags": body.tags or []}],
             users=[body.user],
-            policy=services.policy,
+            policy=self.services.policy,
         )
-        binding = getattr(key, "binding", None)
         if binding is not None and binding.bound:
             problem = binding.violation(attribution)
             if problem is not None:
                 raise Forbidden(
                     f"{problem[1]}; a bound key checks only what it may claim", {"field": problem[0]}
                 )
-        provider, model = services.prices.resolve(body.model, body.provider)
+        provider, model = self.services.prices.resolve(body.model, body.provider)
         return guard.check(budget_keys(attribution.tags, model, provider)).to_dict()
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """What an answer says of a budget's spend and block, from one source."""
+
+    spend: Decimal
+    source: Literal["budget_agent", "ledger"]
+    blocked: bool
+    blocked_until: datetime | None
+    thresholds_fired: list[int]
+    soft_budget_alerted: bool
+    evaluated_at: datetime | None
+
+
+def budget_state(
+    definition: BudgetDefinition, signal: BlockSignal | None, ledger_spend: Decimal, window_end: datetime
+) -> BudgetState:
+    """The agent's state when it speaks for this budget and window (`agent_view`); otherwise the ledger's
+    figure, judged the agent's way (blocked at the max, until the window ends)."""
+    if signal is not None:
+        blocked_until = (signal.block_ends_at or signal.window_end) if signal.blocked else None
+        return BudgetState(
+            signal.spend_usd,
+            "budget_agent",
+            signal.blocked,
+            blocked_until,
+            signal.thresholds_fired,
+            signal.soft_budget_fired,
+            signal.updated_at,
+        )
+    blocked = definition.max_budget_usd is not None and ledger_spend >= definition.max_budget_usd
+    return BudgetState(ledger_spend, "ledger", blocked, window_end if blocked else None, [], False, None)
+
+
+def agent_view(
+    definition: BudgetDefinition, signal: BlockSignal | None, window: Window
+) -> BlockSignal | None:
+    """The budget agent's latest signal, when it is about this budget in this window."""
+    if signal is None or signal.change == "deleted":
+        return None
+    if signal.definition_updated_at is not None:
+        if signal.definition_updated_at != definition.updated_at:
+            return None  # decided under another version of the budget
+    elif signal.max_budget_usd != definition.max_budget_usd:
+        return None
+    start, end = _ms(signal.window_start), _ms(signal.window_end)
+    if definition.window == "sliding":
+        # The window moves each minute; the agent's is current if it ended at most a minute ago.
+        return (
+            signal
+            if end - start == window.end_ms - window.start_ms and end >= window.end_ms - 60_000
+            else None
+        )
+    return signal if (start, end) == (window.start_ms, window.end_ms) else None
+
+
+def key_fingerprint(policy: AttributionPolicy) -> str | None:
+    """A fingerprint of the HMAC key user ids are hashed with (never the key)."""
+    key = policy.user_id_hmac_key
+    return hashlib.sha256(b"spendledger-user-key:" + key).hexdigest()[:12] if key else None
+
+
+def create_router(
+    services: BudgetServices,
+    publisher: EventPublisher,
+    topic: str,
+    *,
+    require_manage: Any,
+    require_read: Any,
+    require_check: Any,
+) -> APIRouter:
+    """The budget endpoints over a `BudgetDesk`: authorization and the HTTP forms; the work is the desk's."""
+    router = APIRouter()
+    desk = BudgetDesk(services, publisher, topic)
+    Admin = Annotated[Any, Depends(require_manage)]
+    Reader = Annotated[Any, Depends(require_read)]
+    Caller = Annotated[Any, Depends(require_check)]
+
+    @router.post("/tag/new", response_class=ExactJSONResponse, responses={409: {}, 422: {}})
+    async def tag_new(body: TagNew, _: Admin) -> ExactJSONResponse:
+        """Create a tag budget (LiteLLM-compatible). `max_budget` USD; `budget_duration` `Ns|Nm|Nh|Nd|Nmo`
+        (`30d` is the calendar month, `24h` the day). The answer says which window applies and how much
+        spend it already counts."""
+        return ExactJSONResponse(await desk.create(body))
+
+    @router.get("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
+    async def tag_info(
+        _: Reader, names: Annotated[str, Query(min_length=1, description="comma-separated tag names")]
+    ) -> ExactJSONResponse:
+        """Budget, spend in the current window, reset time and block state, keyed by tag name."""
+        return ExactJSONResponse(await desk.infos([n.strip() for n in names.split(",") if n.strip()]))
+
+    @router.post("/tag/info", response_class=ExactJSONResponse, responses={404: {}})
+    async def tag_info_post(body: TagInfoRequest, _: Reader) -> ExactJSONResponse:
+        """`/tag/info` as LiteLLM's proxy takes it: `{"names": [...]}`."""
+        return ExactJSONResponse(await desk.infos([n.strip() for n in body.names if n.strip()]))
+
+    @router.get("/tag/list", response_class=ExactJSONResponse)
+    async def tag_list(_: Reader) -> ExactJSONResponse:
+        """Every tag budget, as `/tag/info` describes it, sorted by tag."""
+        return ExactJSONResponse(await desk.listing())
+
+    @router.post("/tag/update", response_class=ExactJSONResponse, responses={404: {}, 422: {}})
+    async def tag_update(body: TagUpdate, _: Admin) -> ExactJSONResponse:
+        """Change any of a budget's fields; the others stay. A raised budget lifts its block."""
+        return ExactJSONResponse(await desk.update(body))
+
+    @router.post("/tag/delete", responses={404: {}})
+    async def tag_delete(body: TagDelete, _: Admin) -> dict[str, Any]:
+        """Delete a budget (its spend stays in the ledger); a block on it lifts."""
+        return await desk.delete(body)
+
+    @router.post("/v1/limits/app", response_class=ExactJSONResponse, responses={422: {}})
+    async def set_app_limit(body: AppLimit, _: Admin) -> ExactJSONResponse:
+        """Set (or replace) an app's spending limit in credits (100 = $1): a budget on the tag `app:<app_id>`."""
+        return ExactJSONResponse(await desk.set_app_limit(body))
+
+    @router.get("/v1/usage/app/{app_id}/current", response_class=ExactJSONResponse)
+    async def app_usage(app_id: str, _: Reader) -> ExactJSONResponse:
+        """Usage in the current limit window, in credits (100 = $1); the calendar month when no limit is set."""
+        return ExactJSONResponse(await desk.app_usage(app_id))
+
+    @router.post("/v1/check", responses={503: {}})
+    async def check(body: CheckRequest, key: Caller) -> dict[str, Any]:
+        """May a call with this attribution go ahead? Answered from memory, like an embedded BudgetGuard.
+        A bound producer key asks only about what it may claim (403 otherwise, as its events would get)."""
+        return desk.check(body, getattr(key, "binding", None))
 
     return router
 

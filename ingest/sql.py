@@ -300,6 +300,21 @@ class ClickHouseSpendReader:
         value = result.result_rows[0][0] if result.result_rows else None
         return Decimal(value) if value is not None else Decimal(0)
 
+    def spends(
+        self, windows: Sequence[tuple[str, datetime, datetime]]
+    ) -> dict[tuple[str, datetime, datetime], Decimal]:
+        """`spend` of each (tag, start, end), in one query (a listing asks for every budget at once)."""
+        distinct = list(dict.fromkeys(windows))
+        if not distinct:
+            return {}
+        sql, parameters = spends_query(distinct)
+        try:
+            result = self._client.query(sql, parameters=parameters)
+        except Exception as exc:
+            raise _translate(exc) from exc
+        sums = {distinct[int(i)]: Decimal(value) for i, value in result.result_rows if value is not None}
+        return {window: sums.get(window, Decimal(0)) for window in distinct}
+
     def app_name(self, app_id: str) -> str:
         try:
             result = self._client.query(
@@ -309,3 +324,35 @@ class ClickHouseSpendReader:
         except Exception as exc:
             raise _translate(exc) from exc
         return str(result.result_rows[0][0]) if result.result_rows else ""
+
+
+def spends_query(windows: Sequence[tuple[str, datetime, datetime]]) -> tuple[str, dict[str, Any]]:
+    """One scan of `spend_records` for many (tag, start, end): row (i, sum) is the spend of `windows[i]`
+    (distinct), counted as `ClickHouseSpendReader.spend` counts it; a window without spend has no row.
+
+    A record is ARRAY JOINed to every requested window it counts for, then summed per window. Each
+    distinct (start, end) gets one clause (budgets of one duration share it); a budget adds only its
+    tag and index to that clause's bound arrays, so a long listing stays under max_query_size."""
+    spans: dict[tuple[datetime, datetime], list[int]] = {}
+    for i, (_tag, start, end) in enumerate(windows):
+        spans.setdefault((start, end), []).append(i)
+    parameters: dict[str, Any] = {
+        "start": min(start for start, _end in spans),
+        "end": max(end for _start, end in spans),
+        "tags": sorted({tag for tag, _start, _end in windows}),
+    }
+    hits = []
+    for j, ((start, end), ids) in enumerate(spans.items()):
+        parameters |= {f"start_{j}": start, f"end_{j}": end, f"ids_{j}": ids}
+        parameters[f"tags_{j}"] = [windows[i][0] for i in ids]
+        hits.append(
+            f"if(spent_at >= %(start_{j})s AND spent_at < %(end_{j})s, "
+            f"arrayFilter((i, tag) -> has(keys, tag), %(ids_{j})s, %(tags_{j})s), [])"
+        )
+    sql = (
+        f"SELECT i, sum(cost_usd) FROM (SELECT cost_usd, {SPEND_TIME_SQL} AS spent_at, "  # noqa: S608
+        f"{BUDGET_KEYS_SQL} AS keys FROM spend_records "
+        "WHERE spent_at >= %(start)s AND spent_at < %(end)s AND hasAny(keys, %(tags)s)) "
+        f"ARRAY JOIN arrayConcat({', '.join(hits)}) AS i GROUP BY i"
+    )
+    return sql, parameters

@@ -30,6 +30,9 @@ class MemorySpend:
     def spend(self, tag, start, end):
         return sum((c for t, at, c in self.rows if t == tag and start <= at < end), Decimal(0))
 
+    def spends(self, windows):
+        return {window: self.spend(*window) for window in windows}
+
     def app_name(self, app_id):
         return "Support Bot" if app_id == "support-bot" else ""
 

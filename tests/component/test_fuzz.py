@@ -10,6 +10,7 @@ The cases tried are counted and printed (docs/reliability.md reports them).
 """
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -22,7 +23,7 @@ from schemathesis import GenerationMode
 
 from ingest.analytics import ClickHouseReports
 from ingest.app import Services, create_app
-from ingest.budgets import BudgetServices
+from ingest.budgets import BudgetServices, SpendWindow
 from ingest.keys import MemoryKeyStore
 from ingest.publisher import InMemoryPublisher
 from ingest.sql import ClickHouseQueryEngine
@@ -39,6 +40,9 @@ EXAMPLES_PER_OPERATION = 100
 class ZeroSpend:
     def spend(self, tag: str, start: datetime, end: datetime) -> Decimal:
         return Decimal(0)
+
+    def spends(self, windows: Sequence[SpendWindow]) -> dict[SpendWindow, Decimal]:
+        return dict.fromkeys(windows, Decimal(0))
 
     def app_name(self, app_id: str) -> str:
         return ""
