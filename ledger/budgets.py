@@ -59,7 +59,7 @@ from functools import lru_cache
 from typing import Literal
 
 from ledger.errors import BudgetError
-from schemas.budgets import DEFAULT_ALERT_THRESHOLDS, BudgetDefinition
+from schemas.budgets import DEFAULT_ALERT_THRESHOLDS, BudgetDefinition, WindowMode
 
 SECOND_MS = 1000
 MINUTE_MS = 60_000
@@ -68,7 +68,6 @@ DAY_MS = 86_400_000
 ZERO = Decimal(0)
 
 Unit = Literal["s", "m", "h", "d", "mo"]
-WindowMode = Literal["calendar", "sliding"]
 
 _UNIT_MS: dict[str, int] = {"s": SECOND_MS, "m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
 _DURATION_RE = re.compile(r"^\s*([0-9]{1,6})\s*(mo|s|m|h|d)\s*$", re.ASCII | re.IGNORECASE)
@@ -77,7 +76,6 @@ MAX_MONTHS = 12
 MAX_SLIDING_MS = 7 * DAY_MS
 # Monday 1970-01-05: day windows of N days are counted from here, so 7d starts on Mondays.
 _EPOCH_MONDAY = date(1970, 1, 5).toordinal()
-DEFAULT_THRESHOLDS = DEFAULT_ALERT_THRESHOLDS
 # A sliding window's threshold re-arms once spend is this many percentage points below it.
 REARM_POINTS = 10
 
@@ -238,7 +236,7 @@ class BudgetRule:
     duration: Duration
     mode: WindowMode = "calendar"
     soft_budget: Decimal | None = None
-    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+    thresholds: tuple[int, ...] = DEFAULT_ALERT_THRESHOLDS
 
     def window_at(self, at_ms: int, tz: tzinfo) -> Window:
         if self.mode == "sliding":
@@ -364,7 +362,7 @@ class SpendHistory:
         total += sum((v for k, v in self.days.items() if s <= k < e), ZERO)
         return total
 
-    def compact(self, now_ms: int) -> None:
+    def roll_up(self, now_ms: int) -> None:
         """Move buckets that left a tier's horizon to the next tier; forget spend past the last."""
         policy = self.policy
         cutoff = now_ms - policy.dedupe_ms

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +37,7 @@ from processors.messages import Output, Rejecter, Source
 from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition, TagSpend
 from schemas.bundles import read_state, read_tag_spend
 from schemas.state import budget_key, dump_state, load_state, read_budget_key
+from schemas.times import from_ms
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 MAX_PART_ID_CHARS = 256 * 1024
 
 Send = Callable[[int, bytes, bytes | None], None]  # a changelog write: partition, key, value (None: delete)
-
-
-def to_datetime(at_ms: int) -> datetime:
-    return datetime.fromtimestamp(at_ms / 1000, tz=UTC)
 
 
 def block_signal(
@@ -66,12 +62,12 @@ def block_signal(
         spend_usd=status.spend,
         max_budget_usd=rule.max_budget if rule else None,
         soft_budget_usd=rule.soft_budget if rule else None,
-        window_start=to_datetime(window.start_ms),
-        window_end=to_datetime(window.end_ms),
-        updated_at=to_datetime(now_ms),
+        window_start=from_ms(window.start_ms),
+        window_end=from_ms(window.end_ms),
+        updated_at=from_ms(now_ms),
         change=change,
         thresholds_fired=sorted(status.fired),
-        block_ends_at=to_datetime(status.block_end_ms) if status.block_end_ms is not None else None,
+        block_ends_at=from_ms(status.block_end_ms) if status.block_end_ms is not None else None,
         soft_budget_fired=status.soft_fired,
         definition_updated_at=definition.updated_at if definition is not None else None,
     )
@@ -93,11 +89,11 @@ def budget_alert(alert: Alert, now_ms: int, definition: BudgetDefinition | None 
         spend_usd=alert.spend,
         max_budget_usd=alert.max_budget,
         soft_budget_usd=alert.soft_budget,
-        window_start=to_datetime(alert.window.start_ms),
-        window_end=to_datetime(alert.window.end_ms),
-        at=to_datetime(now_ms),
+        window_start=from_ms(alert.window.start_ms),
+        window_end=from_ms(alert.window.end_ms),
+        at=from_ms(now_ms),
         projected_spend_usd=projection.spend if projection is not None else None,
-        exhausted_at=to_datetime(exhausted) if exhausted is not None else None,
+        exhausted_at=from_ms(exhausted) if exhausted is not None else None,
         destinations=list(destinations),
     )
 
@@ -260,7 +256,7 @@ class BudgetStore:
         for tag, account in list(self.accounts.items()):
             if self.partitions[tag] not in partitions:
                 continue
-            account.history.compact(account.clock(now_ms))
+            account.history.roll_up(account.clock(now_ms))
             if account.history.changed:
                 self.persist(account)
             h = account.history

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -22,6 +21,7 @@ from schemas.bundles import SpendItem, bundled_events, spend_messages
 from schemas.events import DECODED_BY_ORJSON, RawEvent, time_bounds
 from schemas.records import AttributedRecord
 from schemas.state import dump_state, load_state
+from schemas.times import from_ms, to_ms
 from schemas.topics import Topics
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
@@ -155,15 +155,11 @@ def tag_spend_entries(records: list[AttributedRecord]) -> dict[str, list[SpendIt
     for record in records:
         if not record.cost_usd:
             continue  # unpriced (NULL) or free: nothing to count
-        at = spend_time(_ms(record.occurred_at), _ms(record.received_at))
+        at = spend_time(to_ms(record.occurred_at), to_ms(record.received_at))
         entry = (record.event_id, at, record.cost_usd)
         for key in budget_keys(record.tags, record.model, record.provider):
             out.setdefault(key, []).append(entry)
     return out
-
-
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
 
 
 def tag_spend_messages(
@@ -203,7 +199,7 @@ class LedgerStep:
         before asking for the next (a backlog's bundles hold many events each, and what waits in
         memory for a flush stays bounded)."""
         # The API's bounds, against this worker's clock: other producers write spend.raw directly.
-        bounds = time_bounds(datetime.fromtimestamp(now_ms / 1000, UTC), self.max_future_skew_s)
+        bounds = time_bounds(from_ms(now_ms), self.max_future_skew_s)
         bounds[DECODED_BY_ORJSON] = True  # raw_events decodes with orjson
         records: list[tuple[AttributedRecord, bytes]] = []
         for source, data in raw_events(messages, self.reject):

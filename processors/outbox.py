@@ -19,8 +19,8 @@ far has its outputs delivered.
 
 The ledger and the budget agents each have their own outbox: a flush waits for everything
 queued in its producer, so with one shared producer a block signal waited for the ledger's
-records and changelog too (measured: p99 time to block 0.84–3.64 s at 2,000 events/s shared,
-0.38–0.97 s apart). Ordering is only needed within an agent's own outputs and state.
+records and changelog too (docs/performance.md). Ordering is only needed within an agent's
+own outputs and state.
 
 Keys are partitioned with murmur2, as Java clients, aiokafka and Faust do, so a tag's
 definitions and spend land in the same `spend.tag-spend` partition whoever wrote them.

@@ -52,6 +52,7 @@ from processors.sink import id_slices
 from schemas.budgets import BudgetDefinition
 from schemas.bundles import raw_messages, state_messages, tag_partition
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
+from schemas.times import from_ms
 from schemas.topics import Topics
 from spendledger.errors import StartupError
 from spendledger.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
@@ -190,7 +191,7 @@ def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list
         elif (
             landed is None
             or landed[1]
-            or landed[0] < _ms(BudgetDefinition.model_validate_json(value).updated_at)
+            or landed[0] < _to_milliseconds(BudgetDefinition.model_validate_json(value).updated_at)
         ):
             out.append((key, value))
     return out
@@ -269,7 +270,7 @@ def load_spend(client: Any, policy: HistoryPolicy, now_ms: int) -> SpendRows:
 
     def rows(select: str, start_ms: int, end_ms: int, group: str = "") -> list[Any]:
         query = f"SELECT {select} {priced} {window} {group}"  # noqa: S608 - fixed text, bound values
-        params = {"start": _at(start_ms), "end": _at(end_ms), "tz": tz}
+        params = {"start": from_ms(start_ms), "end": from_ms(end_ms), "tz": tz}
         return list(client.query(query, parameters=params).result_rows)
 
     far = now_ms + 100 * 366 * DAY_MS
@@ -292,7 +293,7 @@ def load_spend(client: Any, policy: HistoryPolicy, now_ms: int) -> SpendRows:
         "groupUniqArrayIf(assumeNotNull(threshold_pct), event_type = 'alert'), "
         "max(event_type = 'soft_alert') FROM budget_events "
         "WHERE event_type IN ('alert', 'soft_alert') AND window_end > %(now)s GROUP BY tag, ws",
-        parameters={"now": _at(now_ms)},
+        parameters={"now": from_ms(now_ms)},
     ).result_rows
     return SpendRows(
         days=[(t, int(d), Decimal(a)) for t, d, a in days],
@@ -337,7 +338,7 @@ def rebuild_accounts(
         account(tag)
     for tag, found in accounts.items():
         found.max_event_ms = spend.newest_ms.get(tag, 0)
-        found.history.compact(found.clock(now_ms))
+        found.history.roll_up(found.clock(now_ms))
         definition = definitions.get(tag)
         if definition is None:
             continue
@@ -459,11 +460,7 @@ class _Producer:
             raise StartupError(f"could not restore the ledger's state into Kafka: {self._errors[:3]}")
 
 
-def _at(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def _ms(value: datetime) -> datetime:
+def _to_milliseconds(value: datetime) -> datetime:
     """A time as ClickHouse's DateTime64(3) keeps it."""
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 

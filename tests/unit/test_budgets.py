@@ -176,17 +176,17 @@ def test_history_tiers_keep_totals_exact_and_never_overlap() -> None:
         h.add(f"e{i}", base + i * 7_777, D("0.001001"))
     day = Window(ms("2026-11-10T00:00:00+01:00"), ms("2026-11-11T00:00:00+01:00"))
     assert h.total(day) == D("0.600600")
-    h.compact(base + 75 * MINUTE_MS)  # seconds older than 5 minutes become minutes
+    h.roll_up(base + 75 * MINUTE_MS)  # seconds older than 5 minutes become minutes
     assert h.seconds and h.minutes
     assert all(k // MINUTE_MS * MINUTE_MS not in h.minutes for k in h.seconds)
     assert h.total(day) == D("0.600600")
-    h.compact(base + 10 * DAY_MS)  # minutes of days that ended 8 days ago become days
+    h.roll_up(base + 10 * DAY_MS)  # minutes of days that ended 8 days ago become days
     assert h.days and not h.minutes and not h.seconds
     assert h.total(day) == D("0.600600")
     # A late event for a compacted day still counts, straight in the day bucket.
     assert h.add("late", base, D("1"))
     assert h.total(day) == D("1.600600")
-    h.compact(base + 401 * DAY_MS)
+    h.roll_up(base + 401 * DAY_MS)
     assert not h.days
 
 
@@ -462,7 +462,7 @@ def test_a_duplicate_stamped_with_another_time_counts_once_until_it_leaves_the_d
     assert h.add("e1", NOW, D("1"))
     assert not h.add("e1", NOW + 3 * MINUTE_MS, D("1"))  # a retry stamped minutes later
     assert h.total(Window(NOW - MINUTE_MS, NOW + 10 * MINUTE_MS)) == D("1")
-    h.compact(NOW + h.policy.dedupe_ms + 2 * MINUTE_MS)  # e1's second moves to the minute tier
+    h.roll_up(NOW + h.policy.dedupe_ms + 2 * MINUTE_MS)  # e1's second moves to the minute tier
     assert not h.seconds and "e1" not in h.seen
 
 
