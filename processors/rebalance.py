@@ -1,62 +1,44 @@
-"""Fixes to faust-streaming's consumer so that a rebalance loses nothing.
+"""Patches to faust-streaming 0.15.3's consumer so that a rebalance loses nothing.
 
-What goes wrong (measured with two workers, one killed with -9: the survivor lost
-8-69 events in about 1 run in 5):
+The holes, and what closes each (how they were found and measured: docs/reliability.md):
 
-1. Recovery resumes the stream partitions *before* seeking them to the committed
-   offsets (`Recovery._resume_streams`), and the fetcher keeps iterating a batch
-   while the seek runs. Records fetched from the old position are then delivered
-   after the seek: the jump from the committed offset to theirs is recorded as a
-   "gap" that counts as acknowledged, and the read offset moves past the records
-   the seek was meant to fetch again, so those are dropped as already read.
-2. Records that reach a stream while flow control is suspended (mid-rebalance) or
-   that carry an older consumer generation are skipped by the stream, and the skip
-   acknowledges them: their offsets are committed although nothing processed them.
+1. Recovery resumes stream partitions before seeking them to their committed offsets, and the fetch
+   loop keeps delivering a batch fetched before the seek: the jump to those records counts as an
+   acknowledged gap, and the read offset moves past what the seek was to fetch again.
+   Fix: a seek marks its partitions; the fetch loop drops the records of a partition sought since they
+   were fetched, leaves its read offset to the seek, and seeks it again to the same place.
+2. A stream skips a message that arrives mid-rebalance (or from an older generation), and the skip
+   acknowledges it. Fix: acknowledging a message no stream took in (`tracked`) does not count. Its
+   offset becomes the partition's *hold*: commits stop below it, the fetch loop seeks back to it, and
+   processing it releases the hold. (faust commits over one missing offset right after the committed
+   one: without the hold it could pass this one.)
+3. When flow resumes, faust clears every stream's queue (`clear_on_resume`), after seeking to the
+   committed offsets: records fetched in between are dropped with the position past them.
+   Fix: `hold_cleared` holds each message the resume clears.
+4. Recovery reads a changelog up to the end offsets `ListOffsets` gives; Tansu lists the last batch's
+   first offset + 1. Fix: `highwaters` (recovery's, and the stall watch's) reads each end by fetching.
 
-3. When flow resumes after a rebalance, faust-streaming clears every stream's queue
-   (`clear_on_resume`). It seeks the partitions to their committed offsets *before*
-   resuming, and the fetcher may deliver records from there in between: the clear
-   then drops them silently, with the consumer's position already past them. (Seen
-   with batches every 20 ms: the survivor of a kill -9 left 4-7 messages of a
-   partition unprocessed in about 1 run in 4.)
+The worst case is a replay, which the ledger absorbs (join done-markers, budget event ids, the sink's
+event_id check). A hold whose message is gone (compacted, or deleted by retention) keeps its
+partition's commits where they are until the next rebalance: a longer replay, not a loss.
 
-The fixes, installed by `install()` and `hold_cleared(app)` in each worker:
-
-- A seek marks its partitions. The fetch loop (`Consumer._drain_messages`, copied
-  from faust-streaming 0.15.3 with the changes marked `# fix:`) drops records of a
-  partition sought since they were fetched, does not move the read offset of such
-  a partition, and seeks it again to where the seek put it (the records may have
-  been fetched after the seek, in which case the consumer's position is past them).
-- An acknowledgement of a message no stream took in (`tracked` is set when a stream
-  takes a message, before any processing) does not count towards the committed
-  offset. Its offset becomes the partition's *hold*: commits stop below it, and the
-  fetch loop seeks the partition back to it, so the message is fetched and processed
-  again; processing it releases the hold. (Without the hold, faust's commit, which
-  tolerates one missing offset after the committed one, could move past it.)
-- A message a resume clears from a stream's queue is held the same way.
-
-4. Recovery reads a table's changelog up to the end offsets `ListOffsets` gives. Tansu
-   answers with the last batch's first offset + 1, so a worker that recovered after a
-   kill -9 missed the tail of each partition's last batch: the budget agent's spend was
-   short by about 1,000 events in one CI run. `highwaters` (recovery's, and the stall
-   watch's) now reads each partition's end by fetching (`spendledger.kafka.fetched_end_offsets`).
-
-Every dropped record is fetched again, so the worst case stays a replay, which the
-ledger absorbs (join done-markers, budget event ids, the sink's event_id check).
-A hold whose message is gone (compacted or deleted by retention before it was read
-again) keeps that partition's commits where they are until the next rebalance: the
-cost is a longer replay, not a loss.
+Patched: `Consumer._drain_messages` (faust's, copied and changed on the lines marked `# fix:` and
+`# speed:`); `Consumer.ack`, `Consumer._new_offset`, `ThreadDelegateConsumer.seek_to_committed`,
+`.seek_wait`, `.highwaters` and each app's `flow_control.resume` (wrapped).
+tests/unit/test_faust_surface.py checks them against faust's real classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from faust.transport import consumer as faust_consumer
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP
+from mode import Service
 
 from processors import metrics
 from spendledger.kafka import fetched_end_offsets
@@ -77,6 +59,12 @@ def _mark_sought(consumer: Any, partitions: Any) -> None:
     seeks = _seeks(consumer)
     for tp in partitions:
         seeks[tp] = seeks.get(tp, 0) + 1
+
+
+async def _seek(consumer: Any, tp: TP, offset: int) -> None:
+    """`consumer.seek`, marked. faust never calls `Consumer.seek` itself: these are the only such seeks."""
+    await consumer.seek(tp, offset)
+    _mark_sought(consumer, [tp])
 
 
 def _holds(consumer: Any) -> dict[TP, int]:
@@ -116,7 +104,7 @@ async def _rewind(consumer: Any, partitions: set[TP]) -> None:
             continue
         log.info("messages skipped or cleared unprocessed; reading %s again from offset %d", tp, target)
         consumer._read_offset[tp] = target
-        await consumer.seek(tp, target)
+        await _seek(consumer, tp, target)
 
 
 async def _reseek(consumer: Any, partitions: set[TP]) -> None:
@@ -130,7 +118,7 @@ async def _reseek(consumer: Any, partitions: set[TP]) -> None:
         metrics.STALE_FETCHES.inc()
         log.info("records fetched before a seek dropped; seeking %s again to offset %s", tp, target)
         # No read offset: the seek found no committed offset, so the partition starts at its beginning.
-        await consumer.seek(tp, target or 0)
+        await _seek(consumer, tp, target or 0)
 
 
 def hold_cleared(app: Any) -> None:
@@ -170,7 +158,6 @@ def install(kafka_config: dict[str, Any] | None = None) -> None:
         )
     for owner, name in (
         (Consumer, "_drain_messages"),
-        (Consumer, "seek"),
         (Consumer, "ack"),
         (Consumer, "_new_offset"),
         (ThreadDelegateConsumer, "seek_wait"),
@@ -183,7 +170,6 @@ def install(kafka_config: dict[str, Any] | None = None) -> None:
             )
 
     seek_to_committed = ThreadDelegateConsumer.seek_to_committed
-    seek = Consumer.seek
     seek_wait = ThreadDelegateConsumer.seek_wait
     ack = Consumer.ack
     new_offset = Consumer._new_offset
@@ -194,10 +180,6 @@ def install(kafka_config: dict[str, Any] | None = None) -> None:
         offsets = await seek_to_committed(self)
         _mark_sought(self, [faust_consumer.ensure_TP(tp) for tp in offsets])
         return cast(Mapping[TP, int], offsets)
-
-    async def seek_marked(self: Any, partition: TP, offset: int) -> None:
-        await seek(self, partition, offset)
-        _mark_sought(self, [partition])
 
     async def seek_wait_marked(self: Any, partitions: Mapping[TP, int]) -> None:
         await seek_wait(self, partitions)
@@ -239,7 +221,6 @@ def install(kafka_config: dict[str, Any] | None = None) -> None:
 
     ThreadDelegateConsumer.highwaters = highwaters_fetched  # type: ignore[method-assign]
     ThreadDelegateConsumer.seek_to_committed = seek_to_committed_marked  # type: ignore[method-assign]
-    Consumer.seek = seek_marked  # type: ignore[method-assign]
     ThreadDelegateConsumer.seek_wait = seek_wait_marked  # type: ignore[method-assign]
     Consumer.ack = ack_taken_only  # type: ignore[method-assign]
     Consumer._new_offset = new_offset_held  # type: ignore[method-assign]
@@ -247,27 +228,39 @@ def install(kafka_config: dict[str, Any] | None = None) -> None:
     Consumer._spendledger_patched = True  # type: ignore[attr-defined]
 
 
-async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - runs in the worker
-    """faust-streaming 0.15.3 `Consumer._drain_messages`, with the seek checks (`# fix:`)."""
+def _deliverer(consumer: Any, callback: Any) -> Callable[[Any], Awaitable[Any]]:
+    """Speed, not a fix: faust races each delivery against the flow being suspended (`wait_first`, four
+    futures a message). Only a suspended flow can hold a delivery up, so the race runs only then: while
+    the flow is active a delivery passes flow control at once, and one waiting on a full queue is freed
+    when the rebalance clears that queue."""
+    flow_is_active = consumer.app.flow_control.is_active
+
+    def deliver(message: Any) -> Awaitable[Any]:
+        if flow_is_active():
+            return cast(Awaitable[Any], callback(message))
+        return cast(Awaitable[Any], consumer.wait_first(callback(message), consumer.suspend_flow.wait()))
+
+    return deliver
+
+
+async def _drain_messages(self: Any, fetcher: Any) -> None:
+    """faust-streaming 0.15.3's `Consumer._drain_messages`, changed only on the lines marked `# fix:`
+    (the seek checks) and `# speed:` (`_deliverer`)."""
     callback = self.callback
     getmany = self.getmany
-    consumer_should_stop = self._stopped.is_set
-    fetcher_should_stop = fetcher._stopped.is_set
+    consumer_should_stop = cast(Service, self)._stopped.is_set
+    fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
 
     get_read_offset = self._read_offset.__getitem__
     set_read_offset = self._read_offset.__setitem__
-    flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
+    flag_consumer_fetching = CONSUMER_FETCHING
     set_flag = self.diag.set_flag
     unset_flag = self.diag.unset_flag
     commit_every = self._commit_every
     acks_enabled_for = self.app.topics.acks_enabled_for
-    seeks = _seeks(self)  # fix
-    rewinds = _rewinds(self)  # fix
-    # fix (speed): faust races every delivery against the flow being suspended (`wait_first`: four
-    # futures per message, a tenth of a worker's time). That race matters only when the delivery
-    # can block on flow control, which it checks first, synchronously; when the flow is active it
-    # passes at once, and a delivery waiting on a full queue is freed by the rebalance clearing it.
-    flow_is_active = self.app.flow_control.is_active
+    seeks = _seeks(self)  # fix: seek marks
+    rewinds = _rewinds(self)  # fix: holds to seek back to
+    deliver = _deliverer(self, callback)  # speed
 
     yield_every = 100
     num_since_yield = 0
@@ -277,8 +270,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
         while not (consumer_should_stop() or fetcher_should_stop()):
             set_flag(flag_consumer_fetching)
             fetched_at = dict(seeks)  # fix: the seeks before this fetch
-            stale: set[TP] = set()  # fix
-            ait = getmany(timeout=1.0)
+            stale: set[TP] = set()  # fix: partitions sought since
+            ait = cast(AsyncIterator, getmany(timeout=1.0))
 
             # Sleeping because sometimes getmany is called in a loop
             # never releasing to the event loop
@@ -306,10 +299,7 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                             if self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                        if flow_is_active():  # fix (speed): nothing to race, see below
-                            await callback(message)
-                        else:
-                            await self.wait_first(callback(message), self.suspend_flow.wait())
+                        await deliver(message)  # speed: no `wait_first` race while the flow is active
                         if seeks.get(tp, 0) == fetched_at.get(tp, 0):  # fix: a seek meanwhile wins
                             set_read_offset(tp, offset)
                     else:
@@ -319,7 +309,7 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                             message.key,
                             message.value,
                         )
-                if stale:  # fix
+                if stale:  # fix: seek them again
                     await _reseek(self, stale)
                 if rewinds:  # fix: after the reseeks, which a rewind overrides
                     await _rewind(self, rewinds)

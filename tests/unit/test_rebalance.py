@@ -2,7 +2,8 @@
 committed, and their partition is read again from the skipped offset.
 
 The fake consumer scripts one fetched batch and a seek landing in the middle of it, as
-faust-streaming's recovery does when it resumes partitions before seeking them.
+faust-streaming's recovery does when it resumes partitions before seeking them. The same cases on
+faust's real consumer, and checks that faust still has what the patch reads: test_faust_surface.py.
 """
 
 import asyncio
@@ -94,9 +95,9 @@ class FakeConsumer:
         self.gaps.append((start, end))
 
     async def seek(self, tp: Any, offset: int) -> None:
+        """What faust's `Consumer.seek` does (rebalance marks the seeks it makes)."""
         self.reseeks.append(offset)
         self._read_offset[tp] = offset
-        rebalance._mark_sought(self, [tp])
 
     async def commit(self) -> None:
         pass
@@ -116,6 +117,7 @@ def test_records_fetched_before_a_seek_are_dropped_and_the_partition_sought_agai
     assert consumer.delivered == [400, 401]  # 402 and 403 came from the old position
     assert consumer.gaps == []  # no jump from 380 to 402 counted as acknowledged
     assert consumer.reseeks == [380] and consumer._read_offset[TP] == 380
+    assert rebalance._seeks(consumer) == {TP: 2}  # the seek, and the one after it: both marked
 
 
 def test_a_seek_during_a_delivery_keeps_its_read_offset() -> None:
