@@ -23,8 +23,8 @@ from typing import Any
 
 from common import machine, progress
 
-from spendledger.clickhouse import connect, migrate
-from spendledger.settings import Settings
+from spendledger.platform.clickhouse import connect, migrate
+from spendledger.platform.settings import Settings
 
 STEP = 1_000_000
 

@@ -31,8 +31,8 @@ from ingest.events import sanitize
 from schemas.bundles import raw_messages
 from schemas.events import RawEvent
 from spendledger.embedded import EmbeddedSystem
-from spendledger.kafka import ensure_topics, start_tansu
-from spendledger.settings import Settings
+from spendledger.platform.kafka import ensure_topics, start_tansu
+from spendledger.platform.settings import Settings
 
 MODELS = [
     "openai/gpt-4o",

@@ -24,7 +24,7 @@ from common import machine, progress
 import processors.app  # noqa: F401 - the worker's imports count in its memory
 from processors.budgets import BudgetStore
 from schemas.budgets import BudgetDefinition
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 BATCH = 2_000
 

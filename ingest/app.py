@@ -48,8 +48,8 @@ from ingest.publisher import EventPublisher
 from ingest.sql import QueryEngine, QueryGate, QueryLimits
 from ledger.scopes import SCOPES, ApiKey, Binding, Permission, allows, scopes_allowed, valid_tag_pattern
 from schemas.events import EventBatch, RawEvent
-from spendledger.errors import BrokerUnavailable
-from spendledger.settings import Settings
+from spendledger.platform.errors import BrokerUnavailable
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 

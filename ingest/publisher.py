@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException
 
-from spendledger.errors import BrokerUnavailable
-from spendledger.journal import Journal
-from spendledger.kafka import RenewableProducer
+from spendledger.platform.errors import BrokerUnavailable
+from spendledger.platform.journal import Journal
+from spendledger.platform.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class InMemoryPublisher:
 
 
 class JournaledPublisher:
-    """A publisher whose acknowledged messages are also kept in a journal on disk (spendledger.journal):
+    """A publisher whose acknowledged messages are also kept in a journal on disk (spendledger.platform.journal):
     `publish` returns once both Kafka and the disk have them. For a broker that forgets at a restart."""
 
     def __init__(self, inner: EventPublisher, journal: Journal) -> None:

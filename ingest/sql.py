@@ -11,7 +11,7 @@
   time and in memory (ClickHouse's max_execution_time and max_memory_usage, which also bound the one
   block in flight);
 - with readonly=1 on each query, or in server mode as the analyst user, whose settings profile holds
-  readonly and the limits and who may only SELECT the ledger (`spendledger.clickhouse.analyst_statements`).
+  readonly and the limits and who may only SELECT the ledger (`spendledger.platform.clickhouse.analyst_statements`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ingest.sql_guard import PRIVATE_TABLES, Statement, check_explained, check_q
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 
 if TYPE_CHECKING:
-    from spendledger.settings import Settings
+    from spendledger.platform.settings import Settings
 
 # ClickHouse error codes that mean "a limit was hit", with what the caller can do about it.
 _LIMITS = {

@@ -48,7 +48,7 @@ from schemas.alerts import (
     slack_body,
 )
 from schemas.budgets import BudgetAlert
-from spendledger.settings import AlertDestination, Settings
+from spendledger.platform.settings import AlertDestination, Settings
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from processors.messages import Output, Rejecter, Source
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition
 from schemas.bundles import budget_message
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def run_worker(settings: Settings) -> None:
     """Run one Faust worker in the foreground until SIGINT/SIGTERM."""
     from faust.worker import Worker
 
-    from spendledger.kafka import ensure_topics
+    from spendledger.platform.kafka import ensure_topics
 
     ensure_topics(settings)  # the outbox writes topics no agent reads, so Faust would not declare them
     if settings.worker_nice:

@@ -38,7 +38,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from processors.metrics import FLUSH_SECONDS
-from spendledger.kafka import RenewableProducer
+from spendledger.platform.kafka import RenewableProducer
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from faust.types import TP
 from mode import Service
 
 from processors import metrics
-from spendledger.kafka import fetched_end_offsets
+from spendledger.platform.kafka import fetched_end_offsets
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.events import MAX_ID_CHARS
 from schemas.records import AttributedRecord, Reject
 from schemas.topics import Topics
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +449,7 @@ class ClickHouseStore:
     def land(self, landing: Landing, group: str) -> None:
         # Every table as JSON lines that ClickHouse parses itself (in C++, outside the GIL): building the
         # native format in Python cost ten times as much (docs/performance.md), and the same statements
-        # pass through the embedded system's relay (spendledger.chdb_relay).
+        # pass through the embedded system's relay (spendledger.platform.chdb_relay).
         token = landing.token(group)
         if landing.records:
             body = b"\n".join(r.model_dump_json().encode() for r in landing.records)

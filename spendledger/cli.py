@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from spendledger.errors import SpendLedgerError
-from spendledger.settings import Settings
+from spendledger.platform.errors import SpendLedgerError
+from spendledger.platform.settings import Settings
 
 DEFAULT_DATA_DIR = Path(".spendledger")
 RUNNING_FILE = "api-url"  # written by `up`, read by `sql` to find the running API
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
 
-    from spendledger.logs import configure
+    from spendledger.platform.logs import configure
 
     configure(settings.log_level)
     if args.command in ("api", "worker", "sink"):
-        from spendledger.runtime import tune_gc
+        from spendledger.platform.runtime import tune_gc
 
         tune_gc(settings.gc_thresholds)
     try:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_sink(settings)
         elif args.command == "restore":
-            from spendledger.clickhouse import connect, migrate
+            from spendledger.platform.clickhouse import connect, migrate
             from spendledger.restore import restore
 
             client = connect(settings)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             restore(settings, client, settings.journal_dir, lambda text: print(text, flush=True))
         elif args.command == "migrate":
             from ingest.sql_guard import PRIVATE_TABLES
-            from spendledger.clickhouse import connect, migrate, migrate_analyst
+            from spendledger.platform.clickhouse import connect, migrate, migrate_analyst
 
             client = connect(settings)
             for name in migrate(client):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from spendledger.errors import StartupError
-from spendledger.kafka import consumer_lag, ensure_topics, port_open, start_tansu
-from spendledger.settings import Settings
+from spendledger.platform.errors import StartupError
+from spendledger.platform.kafka import consumer_lag, ensure_topics, port_open, start_tansu
+from spendledger.platform.settings import Settings
 from spendledger.supervisor import RestartPolicy
 
 ENV = "SPENDLEDGER_"
@@ -86,8 +86,8 @@ class EmbeddedSystem:
         api_env: dict[str, str] = {}  # the relay's token goes to the API and the sink only
         if env[f"{ENV}CLICKHOUSE_DSN"].startswith("chdb://"):
             # chDB lets one process open its data dir: the API opens it and lends it to the sink's process
-            # (spendledger.chdb_relay), whose work then never holds the API's GIL.
-            from spendledger.chdb_relay import socket_path
+            # (spendledger.platform.chdb_relay), whose work then never holds the API's GIL.
+            from spendledger.platform.chdb_relay import socket_path
 
             relay = f"relay://:{secrets.token_urlsafe(24)}@unix{socket_path(self.data_dir)}"
             api_env[f"{ENV}CLICKHOUSE_RELAY"] = relay

@@ -1,7 +1,7 @@
 """Carrying the ledger over a broker that starts empty (the embedded system, DESIGN §9).
 
 The embedded broker keeps its log in memory; ClickHouse (the ledger of record) and
-the ingest journal (`spendledger.journal`) are on disk. So `up` runs `restore()`
+the ingest journal (`spendledger.platform.journal`) are on disk. So `up` runs `restore()`
 after it starts a broker and before it starts the worker and the API:
 
 1. Budget definitions (`tag_budgets`, latest version per tag, app limits
@@ -54,9 +54,9 @@ from schemas.bundles import raw_messages, state_messages, tag_partition
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 from schemas.times import from_ms
 from schemas.topics import Topics
-from spendledger.errors import StartupError
-from spendledger.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
-from spendledger.settings import Settings
+from spendledger.platform.errors import StartupError
+from spendledger.platform.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 

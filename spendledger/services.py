@@ -11,8 +11,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from spendledger.clickhouse import connect, migrate
-from spendledger.settings import Settings
+from spendledger.platform.clickhouse import connect, migrate
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def build_query_engine(settings: Settings, client: Any | None = None) -> Any:
     connection of its own, as the analyst user against a server. Against a server without the analyst
     user's password it runs no SQL (503 saying so): the main user may write."""
     from ingest.sql import ClickHouseQueryEngine
-    from spendledger.clickhouse import connect_analyst
+    from spendledger.platform.clickhouse import connect_analyst
 
     health = client if client is not None else connect(settings, create_database=False)
     database = settings.clickhouse_database
@@ -72,7 +72,7 @@ def run_api(settings: Settings) -> None:
     from ingest.app import Services, create_app
     from ingest.keys import ClickHouseKeyStore
     from ingest.publisher import EventPublisher, JournaledPublisher, KafkaPublisher
-    from spendledger.journal import Journal
+    from spendledger.platform.journal import Journal
 
     client = connect(settings)
     migrate(client)
@@ -93,7 +93,7 @@ def run_api(settings: Settings) -> None:
     services.on_shutdown += [services.budgets.guard.stop, services.budgets.registry.stop]  # type: ignore[union-attr]
     relay = settings.clickhouse_relay
     if relay is not None:  # the embedded system's sink process lands through the API's engine
-        from spendledger.chdb_relay import RelayAddress, RelayServer
+        from spendledger.platform.chdb_relay import RelayAddress, RelayServer
 
         server = RelayServer(
             connect(settings, create_database=False), RelayAddress.parse(relay.get_secret_value())
@@ -185,7 +185,7 @@ class JournalPruner:
     def prune(self) -> None:
         import time
 
-        from spendledger.journal import remove
+        from spendledger.platform.journal import remove
         from spendledger.restore import settled_segments
 
         try:

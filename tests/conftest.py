@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from spendledger.clickhouse import connect, migrate
-from spendledger.settings import Settings
+from spendledger.platform.clickhouse import connect, migrate
+from spendledger.platform.settings import Settings
 
 _databases = itertools.count()
 

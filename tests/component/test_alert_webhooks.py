@@ -22,7 +22,7 @@ from schemas.alerts import (
     verify_signature,
 )
 from schemas.budgets import BudgetAlert
-from spendledger.settings import AlertDestination
+from spendledger.platform.settings import AlertDestination
 
 SECRET = "whsec-component-key"
 FAST = RetryPolicy(attempts=4, timeout_s=2.0, backoff_s=0.01, backoff_max_s=0.04, deadline_s=10.0)

@@ -14,7 +14,7 @@ from ingest.app import Services, create_app
 from ingest.publisher import InMemoryPublisher
 from processors.sink import ClickHouseStore, Landing
 from schemas.records import AttributedRecord
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 PRODUCER = {"Authorization": "Bearer prod-key"}

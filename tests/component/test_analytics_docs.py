@@ -17,8 +17,8 @@ NOVEMBER = "occurred_at >= '2026-11-01' AND occurred_at < '2026-12-01'"
 
 @pytest.fixture(scope="module")
 def ledger_db(chdb_dsn: str) -> Any:
-    from spendledger.clickhouse import connect, migrate
-    from spendledger.settings import Settings
+    from spendledger.platform.clickhouse import connect, migrate
+    from spendledger.platform.settings import Settings
 
     client = connect(Settings(clickhouse_dsn=chdb_dsn, clickhouse_database="analytics_docs"))
     migrate(client)

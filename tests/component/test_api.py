@@ -8,8 +8,8 @@ from ingest.app import Services, create_app
 from ingest.events import default_event_id
 from ingest.publisher import InMemoryPublisher
 from ingest.sql import QueryResult
-from spendledger.errors import BrokerUnavailable
-from spendledger.settings import Settings
+from spendledger.platform.errors import BrokerUnavailable
+from spendledger.platform.settings import Settings
 
 PRODUCER = {"Authorization": "Bearer prod-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}

@@ -16,7 +16,7 @@ from ingest.publisher import InMemoryPublisher
 from ledger.tags import AttributionPolicy
 from schemas.budgets import BlockSignal, BudgetDefinition
 from spendledger.guard import BudgetGuard, CompactedView
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 PRODUCER = {"Authorization": "Bearer prod-key"}

@@ -35,7 +35,7 @@ from processors.sink import ClickHouseStore, Landing
 from schemas.budgets import BlockSignal, BudgetDefinition
 from schemas.records import AttributedRecord
 from spendledger.guard import BudgetGuard, CompactedView
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)

@@ -8,8 +8,8 @@ from httpx import ASGITransport, AsyncClient
 
 from ingest.app import Services, create_app
 from ingest.publisher import InMemoryPublisher, JournaledPublisher
-from spendledger.journal import Journal, read_segment, segments
-from spendledger.settings import Settings
+from spendledger.platform.journal import Journal, read_segment, segments
+from spendledger.platform.settings import Settings
 from tests.component.test_api import PRODUCER, FakeQueries
 
 EVENT = {"kind": "completed", "request_id": "r1", "event_id": "e1", "model": "openai/gpt-4o"}

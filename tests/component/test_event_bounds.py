@@ -9,7 +9,7 @@ from httpx import ASGITransport, AsyncClient
 
 from ingest.app import Services, create_app
 from ingest.publisher import InMemoryPublisher
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 PRODUCER = {"Authorization": "Bearer prod-key"}
 SKEW_S = 300

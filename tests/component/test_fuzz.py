@@ -30,7 +30,7 @@ from ingest.sql import ClickHouseQueryEngine
 from ledger.tags import AttributionPolicy
 from schemas.budgets import BudgetDefinition
 from spendledger.guard import BudgetGuard, CompactedView
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
 TRIED: Counter[str] = Counter()

@@ -24,7 +24,7 @@ from schemas.events import (
     MAX_ID_CHARS,
     MAX_METADATA_KEYS,
 )
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 MAX_BODY = 1_000_000
 PUBLISHER = InMemoryPublisher()

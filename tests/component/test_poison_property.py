@@ -24,7 +24,7 @@ from processors.deadletter import dead_letter, describe
 from processors.ledger_step import raw_events, tag_spend_entries
 from processors.sink import ClickHouseStore, Message, Sink
 from schemas.events import RawEvent, time_bounds
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 SETTINGS = Settings.model_validate({"producer_keys": "prod-key", "admin_keys": "admin-key"})
 PUBLISHER = InMemoryPublisher(partitions=4)  # several events of a request travel as one bundle

@@ -90,7 +90,7 @@ def test_rollups_created_after_records_landed_are_back_filled_once(clickhouse):
     store = ClickHouseStore(client)
     land(store, records(150, 3), 150)  # before the rollups exist
 
-    from spendledger.clickhouse import migrate
+    from spendledger.platform.clickhouse import migrate
 
     migrate(client)
     migrate(client)  # a second start must not back-fill again

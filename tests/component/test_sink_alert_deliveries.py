@@ -8,7 +8,7 @@ from typing import Any
 from processors.sink import ClickHouseStore, Message, Sink
 from schemas.alerts import DeliveryAttempt
 from schemas.topics import Topics
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 T = datetime(2026, 11, 22, 10, 30, 0, 123_000, tzinfo=UTC)
 DELIVERIES = Topics().alert_deliveries

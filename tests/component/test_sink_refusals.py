@@ -8,7 +8,7 @@ import pytest
 
 from processors.sink import ClickHouseStore, Message, Sink
 from schemas.records import AttributedRecord
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 T = datetime(2026, 11, 22, 10, tzinfo=UTC)
 ATTR = "spend.attributed"

@@ -24,7 +24,7 @@ from processors.sink import (
     land_apart,
 )
 from schemas.records import AttributedRecord
-from spendledger.chdb_relay import (
+from spendledger.platform.chdb_relay import (
     MAX_HEADER_BYTES,
     RelayAddress,
     RelayClient,

@@ -25,8 +25,8 @@ from ingest.publisher import InMemoryPublisher
 from ingest.sql import ClickHouseQueryEngine, QueryGate, QueryLimits, QueryResult, to_json_value
 from ingest.sql_guard import PRIVATE_TABLES, function_allowed, listed_functions
 from processors.sink import ClickHouseStore, Landing
-from spendledger.clickhouse import connect, migrate
-from spendledger.settings import Settings
+from spendledger.platform.clickhouse import connect, migrate
+from spendledger.platform.settings import Settings
 from tests.component.test_analytics import make_records
 from tests.unit.test_sql_guard import EXAMPLES, SENT
 

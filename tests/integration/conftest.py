@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from spendledger.embedded import EmbeddedSystem
-from spendledger.kafka import consumer_lag
+from spendledger.platform.kafka import consumer_lag
 
 
 def free_port() -> int:

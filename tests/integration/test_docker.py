@@ -36,8 +36,8 @@ def test_clickhouse_server_migrate_and_land():
     from testcontainers.clickhouse import ClickHouseContainer
 
     from processors.sink import ClickHouseStore, Landing
-    from spendledger.clickhouse import connect, migrate
-    from spendledger.settings import Settings
+    from spendledger.platform.clickhouse import connect, migrate
+    from spendledger.platform.settings import Settings
 
     with ClickHouseContainer("clickhouse/clickhouse-server:24.8") as ch:
         dsn = f"http://{ch.username}:{ch.password}@{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}"
@@ -57,8 +57,8 @@ def test_kafka_topics_and_acknowledged_publish():
     from testcontainers.kafka import KafkaContainer
 
     from ingest.publisher import KafkaPublisher
-    from spendledger.kafka import ensure_topics
-    from spendledger.settings import Settings
+    from spendledger.platform.kafka import ensure_topics
+    from spendledger.platform.settings import Settings
 
     with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as kafka:
         settings = Settings.model_validate({"kafka_bootstrap": kafka.get_bootstrap_server()})

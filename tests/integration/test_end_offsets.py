@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from spendledger.kafka import fetched_end_offsets, start_tansu
+from spendledger.platform.kafka import fetched_end_offsets, start_tansu
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration

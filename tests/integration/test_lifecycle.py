@@ -248,7 +248,7 @@ def wait_for_worker(ledger: Ledger, timeout: float = 120) -> None:
                 for line in metrics.splitlines()
                 if line.startswith("spendledger_") and "_bucket" not in line and "_created" not in line
             ]
-            from spendledger.kafka import consumer_lag
+            from spendledger.platform.kafka import consumer_lag
 
             lines.append(
                 f"lag: {consumer_lag(ledger.system.settings(), ledger.system.settings().topics.consumed())}"

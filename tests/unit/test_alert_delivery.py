@@ -35,7 +35,7 @@ from schemas.alerts import (
 )
 from schemas.budgets import BudgetAlert
 from schemas.topics import Topics
-from spendledger.settings import AlertDestination, Settings
+from spendledger.platform.settings import AlertDestination, Settings
 
 URL = "https://hooks.example.com/services/T0001/B0002/k3yPart"
 SECRET = "whsec-test-signing-key"

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 SERVER = ["fastapi", "faust", "chdb", "clickhouse_connect", "genai_prices", "sqlglot", "uvicorn", "ingest",
-          "processors", "spendledger.settings", "spendledger.services", "ledger.pricing"]  # fmt: skip
+          "processors", "spendledger.platform.settings", "spendledger.services", "ledger.pricing"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

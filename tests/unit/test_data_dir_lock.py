@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from spendledger.embedded import EmbeddedSystem
-from spendledger.errors import StartupError
+from spendledger.platform.errors import StartupError
 
 
 def test_a_second_system_on_a_data_dir_in_use_is_refused_and_may_start_once_the_first_stops(

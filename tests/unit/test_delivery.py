@@ -7,7 +7,7 @@ from confluent_kafka import KafkaError
 
 from ingest.publisher import _Batch
 from processors.outbox import Outbox
-from spendledger.kafka import RenewableProducer
+from spendledger.platform.kafka import RenewableProducer
 
 
 class Report:

@@ -13,8 +13,8 @@ import pytest
 from spendledger import guard as guard_module
 from spendledger.guard import BudgetGuard, GuardSettings
 from spendledger.integrations import litellm as plugin
+from spendledger.platform.settings import Settings
 from spendledger.sdk import budget_guard
-from spendledger.settings import Settings
 
 # A value unlike the default for every server setting the guard depends on, as the environment holds it.
 SAMPLES = {

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from spendledger.journal import Journal, is_whole, read_segment, remove, segments, set_aside, write_segment
+from spendledger.platform.journal import (
+    Journal,
+    is_whole,
+    read_segment,
+    remove,
+    segments,
+    set_aside,
+    write_segment,
+)
 
 
 def test_appended_messages_come_back_in_order_with_their_topics_and_tombstones(tmp_path: Path) -> None:

@@ -40,11 +40,19 @@ def layer(module: str) -> str:
         return "Core"
     if top in ("ingest", "processors"):
         return top.capitalize()
+    if module.startswith("spendledger.platform"):
+        return "Platform"
     if module.startswith(CLIENT):
         return "Client"
-    if module.startswith(ENTRY):
+    if module.startswith(ENTRY) or module == "spendledger":
         return "Entry"
-    return "Platform"
+    raise AssertionError(f"{module} is in no layer: place it in one (docs/architecture.md)")
+
+
+def package_of(module: str) -> str:
+    """The folder a module is in (a package's `__init__` is the package itself)."""
+    path = ROOT.joinpath(*module.split("."))
+    return module if (path / "__init__.py").exists() else module.rpartition(".")[0]
 
 
 def module_of(path: Path) -> str:
@@ -108,6 +116,25 @@ def test_services_never_import_each_other_and_nothing_imports_the_entry_points()
         assert {layer(importer), layer(target)} != {"Ingest", "Processors"}, (importer, target)
         if layer(target) == "Entry":
             assert layer(importer) == "Entry", (importer, target)
+
+
+def test_no_package_imports_one_that_imports_it_back() -> None:
+    """The folders form no cycle: what a folder imports never reaches back to it."""
+    graph: dict[str, set[str]] = {}
+    for importer, target in edges():
+        source, dest = package_of(importer), package_of(target)
+        if source != dest:
+            graph.setdefault(source, set()).add(dest)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    cycles = sorted(p for p in graph if reaches(p, p, set()))
+    assert not cycles, f"packages in an import cycle: {cycles}"
+    assert "spendledger.platform" in graph["ingest"] and "ingest" in graph["spendledger"]
 
 
 def test_the_contract_sees_what_it_should() -> None:

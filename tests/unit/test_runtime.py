@@ -3,8 +3,8 @@ import gc
 import pytest
 from pydantic import ValidationError
 
-from spendledger.runtime import tune_gc
-from spendledger.settings import Settings
+from spendledger.platform.runtime import tune_gc
+from spendledger.platform.settings import Settings
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from processors.sink import FLUSH_ATTEMPTS, Landing, Message, Sink, land_apart, plan_landing
 from schemas.topics import Topics
-from spendledger.settings import Settings
+from spendledger.platform.settings import Settings
 from tests.unit.test_sink_plan import ATTR, MemoryStore, msg, rec
 
 T = datetime(2026, 11, 22, 10, tzinfo=UTC)

@@ -8,7 +8,7 @@ import pytest
 
 from spendledger import embedded
 from spendledger.embedded import EmbeddedSystem
-from spendledger.errors import StartupError
+from spendledger.platform.errors import StartupError
 
 
 def system_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ports: list[int], refusal: str) -> Any:

@@ -11,8 +11,8 @@ from pydantic import SecretStr
 from ingest.errors import InvalidQuery
 from ingest.sql import QueryLimits, to_json_value
 from ingest.sql_guard import PRIVATE_TABLES, Statement, check_explained, check_query, function_allowed
-from spendledger.clickhouse import analyst_statements
-from spendledger.settings import Settings
+from spendledger.platform.clickhouse import analyst_statements
+from spendledger.platform.settings import Settings
 
 DB = "spend"
 ROOT = Path(__file__).resolve().parents[2]

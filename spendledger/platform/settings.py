@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     )
 
     # ClickHouse
-    clickhouse_dsn: SecretStr = SecretStr("chdb://./.spendledger/clickhouse")
+    clickhouse_dsn: SecretStr = SecretStr("chdb://./.spendledger/platform/clickhouse")
     clickhouse_database: str = Field(default="spend", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     clickhouse_analyst_user: str = Field(
         default="spendledger_analyst",
@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     clickhouse_relay: SecretStr | None = Field(
         default=None,
         description="embedded: lend the API's chDB engine to a sink process at this relay DSN "
-        "(relay://:TOKEN@127.0.0.1:PORT, spendledger.chdb_relay)",
+        "(relay://:TOKEN@127.0.0.1:PORT, spendledger.platform.chdb_relay)",
     )
     api_url: str | None = None
     journal_dir: Path | None = Field(

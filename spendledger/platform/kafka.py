@@ -14,8 +14,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from spendledger.errors import BrokerUnavailable, StartupError
-from spendledger.settings import Settings
+from spendledger.platform.errors import BrokerUnavailable, StartupError
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 

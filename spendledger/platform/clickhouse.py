@@ -9,8 +9,8 @@ from typing import Any
 import clickhouse_connect
 
 from schemas.clickhouse import migrations
-from spendledger.errors import StorageUnavailable
-from spendledger.settings import Settings
+from spendledger.platform.errors import StorageUnavailable
+from spendledger.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +19,11 @@ def connect(settings: Settings, *, create_database: bool = True) -> Any:
     """A clickhouse-connect client bound to the ledger's database.
 
     `chdb://DIR` opens the embedded engine: only ONE process may open DIR. `relay://…` reaches the engine
-    another process opened (the embedded system's sink; spendledger.chdb_relay), already migrated.
+    another process opened (the embedded system's sink; spendledger.platform.chdb_relay), already migrated.
     """
     dsn = settings.clickhouse_dsn.get_secret_value()
     if settings.is_relayed_clickhouse:
-        from spendledger.chdb_relay import RelayClient
+        from spendledger.platform.chdb_relay import RelayClient
 
         return RelayClient(dsn)
     try:

@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 class GuardSettings(BaseSettings):
-    """What a guard takes of the server's settings (spendledger.settings.Settings): the same variables,
+    """What a guard takes of the server's settings (spendledger.platform.settings.Settings): the same variables,
     the same defaults, the same validation. A field added to the server's `kafka_config()` or
     `attribution_policy()` belongs here too (tests/unit/test_guard_settings.py fails until it is)."""
 
