@@ -8,7 +8,7 @@ would place each of them.
 - `spend.raw` is written by the API with librdkafka's default (`consistent_random`): CRC-32 of the key.
 - `spend.tag-spend` is written by the worker with `murmur2_random`, the Java client's (and Faust's)
   murmur2 of the key. `tests/unit/test_partitions.py` holds it to the Java client's own test vectors;
-  `tests/integration/test_pipeline.py` watches both land where the real producers put them.
+  `tests/integration/shared/test_pipeline.py` watches both land where the real producers put them.
 """
 
 from __future__ import annotations

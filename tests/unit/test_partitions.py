@@ -29,7 +29,7 @@ def test_java_placement_equals_aiokafkas_and_so_faust_s(key: bytes) -> None:
 
 def test_librdkafka_placement_is_crc32() -> None:
     # rd_kafka_msg_partitioner_consistent: rd_crc32(key) % partition_cnt; 0xCBF43926 is CRC-32's check
-    # value for "123456789". The real producer's placement: tests/integration/test_pipeline.py.
+    # value for "123456789". The real producer's placement: tests/integration/shared/test_pipeline.py.
     assert [librdkafka_partition(b"123456789", n) for n in (1, 4, 1000)] == [
         0,
         0xCBF43926 % 4,

@@ -1,7 +1,7 @@
 """SpendClient: batching, retries with the same event ids, splitting rejected batches, bounded queue.
 
 The ingest API is replaced by an httpx MockTransport (the client's one I/O seam);
-tests/integration/test_sdk.py runs the same client against the real system.
+tests/integration/shared/test_sdk.py runs the same client against the real system.
 """
 
 import json

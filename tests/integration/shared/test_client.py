@@ -22,11 +22,11 @@ import httpx
 import pytest
 
 from spendledger.fakellm import PROMPT, FakeLLM
-from tests.integration.conftest import Ledger, free_port, running_system
+from tests.integration.conftest import Ledger, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LITELLM = "litellm[proxy]==1.108.7"
 PROXY_VENV = REPO / ".venv" / "litellm-proxy"
 SERVER_MODULES = ("fastapi", "faust", "chdb", "clickhouse_connect", "genai_prices", "sqlglot", "uvicorn",
@@ -45,12 +45,6 @@ def pip(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def pip_failure(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
     return lines[-1] if lines else f"pip exited with {result.returncode}"
-
-
-@pytest.fixture(scope="module")
-def ledger(tmp_path_factory: Any) -> Iterator[Ledger]:
-    with running_system(tmp_path_factory) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
