@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from ledger.attribute import attribution_of
+from ledger.attribute import canonical_attribution
 from ledger.redact import (
     is_secret_key,
     looks_like_secret,
@@ -123,7 +123,7 @@ def attribution_warnings(published: list[dict[str, Any]], policy: AttributionPol
     Computed on the sanitized events, so no credential is echoed back."""
     warnings = []
     for index, event in enumerate(published):
-        invalid = attribution_of([event], policy).invalid
+        invalid = canonical_attribution([event], policy).invalid
         if invalid:
             problems = [explain(entry, policy) for entry in invalid]
             warnings.append({"index": index, "event_id": event["event_id"], "problems": problems})

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from ingest.errors import Forbidden, IngestUnavailable, InvalidEvent, InvalidJson, PayloadTooLarge
 from ingest.events import attribution_warnings, sanitize
-from ledger.attribute import attribution_of
+from ledger.attribute import canonical_attribution
 from ledger.errors import UsageError
 from ledger.scopes import Binding
 from ledger.tags import AttributionPolicy
@@ -178,7 +178,7 @@ def check_binding(binding: Binding, published: list[dict[str, Any]], policy: Att
         names = [name.strip().lower() for name in event.get("headers") or {}]
         if len(names) != len(set(names)):
             _refuse(index, event, "headers", "a bound key may not send one header under two spellings")
-        attribution = attribution_of([event], policy)
+        attribution = canonical_attribution([event], policy)
         hidden = [entry for entry in attribution.invalid if entry.split("|", 1)[0] in _HIDDEN_CLAIMS]
         if hidden:
             reason, _, claim = hidden[0].partition("|")

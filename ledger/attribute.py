@@ -11,7 +11,7 @@ from typing import Any
 from ledger.errors import JoinError
 from ledger.join import JoinedCall, RawEventDict
 from ledger.pricing import Price, PriceBook, split_model_ref
-from ledger.tags import Attribution, AttributionPolicy, normalize
+from ledger.tags import AttributionPolicy, CanonicalAttribution, normalize
 from ledger.usage import TokenUsage, parse_usage
 from schemas.records import AttributedRecord
 
@@ -34,7 +34,7 @@ class Attributor:
         if not event_id:
             raise JoinError("event has no event_id")
 
-        attribution = attribution_of(events, self.policy)
+        attribution = canonical_attribution(events, self.policy)
 
         occurred_at = _first_time(e.get("occurred_at") for e in events)
         received_at = min(
@@ -89,7 +89,7 @@ class Attributor:
         )
 
 
-def attribution_of(events: list[RawEventDict], policy: AttributionPolicy) -> Attribution:
+def canonical_attribution(events: list[RawEventDict], policy: AttributionPolicy) -> CanonicalAttribution:
     """The attribution of a call from its events (a request and its usage, or one completed event):
     headers (the first event's value wins), metadata objects and users of all of them."""
     headers: dict[str, str] = {}

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from ledger.tags import Attribution
+from ledger.tags import CanonicalAttribution
 
 Scope = Literal["producer", "analyst", "admin"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
@@ -59,7 +59,7 @@ class Binding:
     def bound(self) -> bool:
         return bool(self.apps or self.tenants or self.tags)
 
-    def violation(self, attribution: Attribution) -> tuple[str, str] | None:
+    def violation(self, attribution: CanonicalAttribution) -> tuple[str, str] | None:
         """The first claim outside this binding, as (field, reason), or None."""
         for dimension, allowed in (("app", self.apps), ("tenant", self.tenants)):
             if not allowed:

@@ -130,7 +130,7 @@ class AttributionPolicy:
 
 
 @dataclass
-class Attribution:
+class CanonicalAttribution:
     """The canonical attribution of one call."""
 
     dimensions: dict[str, str] = field(default_factory=dict)
@@ -198,7 +198,7 @@ def hash_user_id(user_id: str, key: bytes) -> str:
 class _Builder:
     def __init__(self, policy: AttributionPolicy) -> None:
         self.policy = policy
-        self.out = Attribution()
+        self.out = CanonicalAttribution()
 
     def invalid(self, reason: str, raw: str) -> None:
         self.out.invalid.append(
@@ -353,7 +353,7 @@ def normalize(
     metadata: Iterable[Mapping[str, Any] | None] = (),
     users: Iterable[Any] = (),
     policy: AttributionPolicy | None = None,
-) -> Attribution:
+) -> CanonicalAttribution:
     """Normalize every attribution input of one call (see the module docstring for the order)."""
     b = _Builder(policy or AttributionPolicy())
     lowered = {name.strip().lower(): value for name, value in (headers or {}).items()}
@@ -383,7 +383,7 @@ def normalize(
 
 
 def explain(entry: str, policy: AttributionPolicy) -> dict[str, str]:
-    """An `Attribution.invalid` entry ("reason|input") as reason, input and a sentence for a person."""
+    """A `CanonicalAttribution.invalid` entry ("reason|input") as reason, input and a sentence for a person."""
     reason, _, raw = entry.partition("|")
     shown = raw if len(raw) <= 80 else raw[:79] + "…"
     template = _EXPLAINED.get(reason, "not recorded ({reason})")

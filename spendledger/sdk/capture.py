@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendledger.sdk.client import EventSink, completed_event
-from spendledger.sdk.context import Attribution, attribution_of, current_attribution
+from spendledger.sdk.context import Attribution, attribution_from, current_attribution
 
 log = logging.getLogger("spendledger.sdk")
 
@@ -464,7 +464,7 @@ def instrument(client: Any, events: EventSink, *, guard: Any = None, **attributi
     `track_context` values override them. With `guard` (a `BudgetGuard`), a call
     whose tags are blocked raises `BudgetExceededError` before it is sent.
     """
-    capture = _Capture(events, attribution_of(attribution), guard)
+    capture = _Capture(events, attribution_from(attribution), guard)
     family = type(client).__module__.split(".")[0]
     is_async = inspect.iscoroutinefunction(getattr(type(client), "close", None))
     if family == "openai":

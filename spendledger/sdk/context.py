@@ -77,7 +77,7 @@ def current_attribution() -> Attribution:
     return _current.get()
 
 
-def attribution_of(attribution: Mapping[str, Any]) -> Attribution:
+def attribution_from(attribution: Mapping[str, Any]) -> Attribution:
     """Build an Attribution from keyword values; `tags` takes a list of `key:value` strings."""
     fields: dict[str, str] = {}
     tags: tuple[str, ...] = ()
@@ -122,7 +122,7 @@ def track_context(**attribution: Any) -> Iterator[Attribution]:
     adds `key:value` tags. Works in sync and async code (`with`, also inside
     `async def`).
     """
-    with attribution_scope(attribution_of(attribution)) as effective:
+    with attribution_scope(attribution_from(attribution)) as effective:
         yield effective
 
 
@@ -138,7 +138,7 @@ def track(**static_attribution: Scalar | list[str]) -> Callable[[Callable[P, R]]
                 f"@track({key}=...) got a callable; @track takes static values only. "
                 "Use `with track_context(...)` for values known at run time."
             )
-    scope = attribution_of(static_attribution)
+    scope = attribution_from(static_attribution)
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
