@@ -2,6 +2,7 @@
 
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -227,19 +228,25 @@ def test_request_without_usage_becomes_incomplete(ledger):
 def test_poison_message_goes_to_rejects_and_pipeline_continues(ledger):
     topic = ledger.system.child_env["SPENDLEDGER_TOPIC_PREFIX"] + "spend.raw"
     producer = Producer({"bootstrap.servers": ledger.bootstrap})
-    producer.produce(topic, key=b"poison", value=b"\x00\x01 not json")
-    producer.produce(topic, key=b"poison2", value=orjson.dumps({"kind": "usage"}))
+    placed: set[tuple[int, int]] = set()
+
+    def delivered(err: object, msg: Any) -> None:
+        placed.add((msg.partition(), msg.offset()))
+
+    producer.produce(topic, key=b"poison", value=b"\x00\x01 not json", on_delivery=delivered)
+    producer.produce(topic, key=b"poison2", value=orjson.dumps({"kind": "usage"}), on_delivery=delivered)
     producer.flush(10)
+    assert len(placed) == 2
     rid = uid("after-poison")
     ledger.send(
         {"kind": "completed", "request_id": rid, "model": "openai/gpt-4o", "usage": {"input_tokens": 1}}
     )
     ledger.wait_for(rows_for(ledger, [rid]), lambda rows: len(rows) == 1)
-    rejects = ledger.wait_for(
-        f"SELECT reason FROM spend_rejects WHERE source_topic = '{topic}' ORDER BY offset",
-        lambda rows: len(rows) >= 2,
+    query = f"SELECT partition, offset, reason FROM spend_rejects WHERE source_topic = '{topic}'"
+    rows = ledger.wait_for(
+        query, lambda rows: len([r for r in rows if (int(r[0]), int(r[1])) in placed]) == 2
     )
-    assert all(r[0].startswith("invalid raw event") for r in rejects)
+    assert all(r[2].startswith("invalid raw event") for r in rows if (int(r[0]), int(r[1])) in placed)
 
 
 def test_no_credential_reaches_kafka_or_clickhouse(ledger):
