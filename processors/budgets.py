@@ -36,7 +36,7 @@ from processors.deadletter import describe
 from processors.messages import Output, Rejecter, Source
 from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition, TagSpend
 from schemas.bundles import read_state, read_tag_spend
-from schemas.state import budget_key, dump_state, load_state, read_budget_key
+from schemas.state import StateFormatError, budget_key, dump_state, load_state, read_budget_key
 from schemas.times import from_ms
 
 log = logging.getLogger(__name__)
@@ -199,39 +199,12 @@ class BudgetStore:
         self.parts.clear()
         foreign: list[bytes] = []
         for raw_key, raw in list(self.data.items()):
-            value = load_state(raw)
-            kind, tag, parts = read_budget_key(raw_key)
-            partition = int(value["p"])
-            if partition not in partitions:
-                foreign.append(raw_key)
-                continue
-            account = self.account(tag, partition)
-            history = account.history
-            if kind == "s":
-                second, n = parts
-                history.restore_second(second, Decimal(value["a"]), value["i"])
-                self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), n + 1)
-            elif kind == "m":
-                history.minutes[parts[0]] = Decimal(value["a"])
-            elif kind == "d":
-                history.days[parts[0]] = Decimal(value["a"])
-            elif kind == "r":
-                definition = BudgetDefinition.model_validate(value["def"])
-                self.definitions[tag] = definition
-                account.rule = rule_of(definition)
-            else:
-                w = value["w"]
-                account.status = BudgetStatus(
-                    window=Window(w[0], w[1]) if w else None,
-                    spend=Decimal(value["spend"]),
-                    fired=frozenset(value["fired"]),
-                    soft_fired=value["soft"],
-                    blocked=value["blocked"],
-                    block_end_ms=value["end"],
-                    projected_fired=value.get("proj", False),
-                )
-                account.max_event_ms = value["max_ms"]
-                account.pending = value["pending"]
+            try:
+                if self._restore(raw_key, raw, partitions):
+                    foreign.append(raw_key)
+            except Exception as exc:  # one unreadable key must not take the others' budgets with it
+                metrics.STATE_UNREADABLE.labels("budget-state").inc()
+                log.error("budget state: left aside the unreadable key %r: %s", raw_key[:120], describe(exc))
         for raw_key in foreign:
             self.data.pop(raw_key, None)
         for account in self.accounts.values():
@@ -239,6 +212,42 @@ class BudgetStore:
             account.history.drop_covered()
             if account.history.changed:
                 self.persist(account)
+
+    def _restore(self, raw_key: bytes, raw: bytes, partitions: set[int]) -> bool:
+        """Puts one stored key back in its account; True when its partition is not ours."""
+        value = load_state(raw)
+        kind, tag, parts = read_budget_key(raw_key)
+        partition = int(value["p"])
+        if partition not in partitions:
+            return True
+        account = self.account(tag, partition)
+        history = account.history
+        if kind == "s":
+            second, n = parts
+            history.restore_second(second, Decimal(value["a"]), value["i"])
+            self.parts[(tag, second)] = max(self.parts.get((tag, second), 0), n + 1)
+        elif kind == "m":
+            history.minutes[parts[0]] = Decimal(value["a"])
+        elif kind == "d":
+            history.days[parts[0]] = Decimal(value["a"])
+        elif kind == "r":
+            definition = BudgetDefinition.model_validate(value["def"])
+            self.definitions[tag] = definition
+            account.rule = rule_of(definition)
+        else:
+            w = value["w"]
+            account.status = BudgetStatus(
+                window=Window(w[0], w[1]) if w else None,
+                spend=Decimal(value["spend"]),
+                fired=frozenset(value["fired"]),
+                soft_fired=value["soft"],
+                blocked=value["blocked"],
+                block_end_ms=value["end"],
+                projected_fired=value.get("proj", False),
+            )
+            account.max_event_ms = value["max_ms"]
+            account.pending = value["pending"]
+        return False
 
     def load(self, entries: list[tuple[bytes, bytes]], partitions: set[int]) -> None:
         """Store keys and values as they were (a restore's `state` messages), then rebuild the accounts.
@@ -336,7 +345,7 @@ class BudgetProcessor:
         for tag, rule_changed in touched.items():
             try:
                 account = self.store.accounts[tag]
-                out += self._outcome(account, account.evaluate(now_ms), now_ms)
+                self._outcome(account, account.evaluate(now_ms), now_ms, out)
                 self.store.persist(account, rule=rule_changed)
             except Exception as exc:
                 self.reject("budgets", last[tag], f"cannot evaluate {tag!r}'s budget: {describe(exc)}")
@@ -352,7 +361,7 @@ class BudgetProcessor:
             try:
                 result = account.evaluate(now_ms)
                 if result is not None and (result.change != "none" or result.alerts):
-                    out += self._outcome(account, result, now_ms)
+                    self._outcome(account, result, now_ms, out)
                     self.store.persist(account)
             except Exception as exc:  # one budget's failure must not stop the others' windows
                 account.due_ms = now_ms + 60_000
@@ -375,11 +384,16 @@ class BudgetProcessor:
 
     def _load_state(self, messages: Sequence[Source], partitions: set[int]) -> list[Source]:
         """Loads the stored state a restore sent (it comes first in its partitions, so before the
-        batch's spend); returns the other messages."""
+        batch's spend); returns the other messages. A state message with an entry this worker cannot
+        read is rejected whole, before any of it is stored."""
         rest, entries = [], []
         for message in messages:
             try:
                 found = read_state(message.value)
+                for key, value in found or ():
+                    read_budget_key(key)
+                    if not isinstance(load_state(value).get("p"), int):
+                        raise StateFormatError(f"stored state of {key[:80]!r} has no partition")
             except Exception as exc:
                 self.reject("budgets", message, f"cannot load restored state: {describe(exc)}")
                 continue
@@ -388,22 +402,23 @@ class BudgetProcessor:
             else:
                 entries += found
         if entries:
-            try:
-                self.store.load(entries, partitions)
-            except Exception as exc:
-                self.reject("budgets", messages[0], f"cannot load restored state: {describe(exc)}")
+            self.store.load(entries, partitions)
             log.info(
                 "budget state loaded from a restore: %d keys, %d tags", len(entries), len(self.store.accounts)
             )
         return rest
 
-    def _outcome(self, account: TagAccount, result: Evaluation | None, now_ms: int) -> list[Output]:
+    def _outcome(
+        self, account: TagAccount, result: Evaluation | None, now_ms: int, out: list[Output]
+    ) -> None:
+        """Appends to `out` as each message is made: a block signal made is sent, even if an alert after
+        it cannot be."""
         signal, alerts = outcome_messages(account, result, now_ms, self.store.definitions.get(account.tag))
-        out = [self._signal(signal)] if signal is not None else []
+        if signal is not None:
+            out.append(self._signal(signal))
         for alert in alerts:
             metrics.BUDGET_ALERTS.labels(alert.kind).inc()
             out.append(Output(self.alerts_topic, alert.tag.encode(), alert.model_dump_json().encode()))
-        return out
 
     def _signal(self, signal: BlockSignal) -> Output:
         metrics.BUDGET_SIGNALS.labels(signal.change).inc()

@@ -6,6 +6,7 @@ a changelog-backed table), attributed and priced (ledger.attribute), and their s
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from schemas.records import AttributedRecord
 from schemas.state import dump_state, load_state
 from schemas.times import from_ms, to_ms
 from schemas.topics import Topics
+
+log = logging.getLogger(__name__)
 
 ChangelogSend = Callable[[int, bytes, bytes | None], None]
 
@@ -122,19 +125,30 @@ class JoinState:
         self._due = []
         self.pending = set()
         for key, raw in self.table.data.items():
-            state = read_pending(raw)
-            if state.partition in partitions:
+            state = self._read(key, raw)
+            if state is not None and state.partition in partitions:
                 self._track_pending(key, state)
                 self._due.append((next_tick_ms(state, self.timeouts), key))
         heapq.heapify(self._due)
+
+    @staticmethod
+    def _read(key: bytes, raw: bytes) -> PendingCall | None:
+        """A stored state, or None when it cannot be read: left aside, so the others still time out."""
+        try:
+            return read_pending(raw)
+        except Exception as exc:
+            metrics.STATE_UNREADABLE.labels("pending-calls").inc()
+            log.error("join state: left aside the unreadable value of %r: %s", key[:120], describe(exc))
+            return None
 
     def due(self, now_ms: int) -> Iterator[tuple[bytes, PendingCall]]:
         """The states whose next tick has come, each taken off the heap (apply puts a changed one back)."""
         while self._due and self._due[0][0] <= now_ms:
             _, key = heapq.heappop(self._due)
             raw = self.table.data.get(key)
-            if raw:
-                yield key, read_pending(raw)
+            state = self._read(key, raw) if raw else None
+            if state is not None:
+                yield key, state
 
 
 class TimedOut:

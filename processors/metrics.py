@@ -42,6 +42,9 @@ BUDGET_ENTRIES = Counter("spendledger_budget_entries", "Spend entries counted by
 BUDGET_DUPLICATES = Counter("spendledger_budget_duplicates", "Spend entries ignored as already counted")
 BUDGET_SIGNALS = Counter("spendledger_budget_signals", "Block-state messages sent", ["change"])
 BUDGET_ALERTS = Counter("spendledger_budget_alerts", "Budget alerts sent", ["kind"])
+STATE_UNREADABLE = Counter(
+    "spendledger_worker_state_unreadable", "Stored keys a worker could not read and left aside", ["table"]
+)
 BUDGET_TAGS = Gauge("spendledger_budget_tags", "Tags whose spend history the worker holds")
 ALERT_DELIVERIES = Counter(
     "spendledger_alert_deliveries", "Attempts to deliver a budget alert to a destination", ["status"]

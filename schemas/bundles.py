@@ -26,6 +26,7 @@ import orjson
 
 from schemas.budgets import BudgetDefinition, TagSpend
 from schemas.partitions import java_partition, librdkafka_partition
+from schemas.state import read_budget_key
 
 RAW_BUNDLE_MAX_BYTES = 512 * 1024
 # Entries per `spends` bundle: about 100 KB (550 KB with 256-character event ids).
@@ -165,7 +166,7 @@ def state_messages(entries: Iterable[tuple[int, bytes, bytes]]) -> Iterator[Mess
     """The `state` messages carrying stored budget state, given as (partition, key, value)."""
     by_tag: dict[tuple[str, int], list[list[str]]] = {}
     for partition, key, value in entries:
-        tag = key.decode().split("\x00")[1]
+        _, tag, _ = read_budget_key(key)
         by_tag.setdefault((tag, partition), []).append([key.decode(), value.decode()])
     for (tag, partition), items in by_tag.items():
         for start in range(0, len(items), MAX_STATE_ENTRIES):

@@ -1,8 +1,9 @@
 """The worker's stored state: the values of its changelog-backed tables (docs/architecture.md, "Formats").
 
 Every stored value is a JSON object with its format's version in `v` (a value without one was written
-by 0.1.0 before the field, in version 1). A value of a newer
-version than this code reads stops the worker with an error rather than being misread.
+by 0.1.0 before the field, in version 1). A value this code cannot read (a newer version, a broken key)
+is never misread: the worker leaves it aside in its table, logs it and counts it
+(`spendledger_worker_state_unreadable`), and goes on with the rest.
 
 `pending-calls` (key: the request_id): a call's join state, ledger.join.PendingCall's fields.
 
@@ -45,9 +46,14 @@ def load_state(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise StateFormatError("stored state is not a JSON object")
     version = value.pop("v", 1)
-    if version != STATE_VERSION:
+    if type(version) is not int or version != STATE_VERSION:
         raise StateFormatError(f"stored state of version {version!r}; this worker reads {STATE_VERSION}")
     return value
+
+
+# Numeric parts after the tag, per kind: a tag may hold any character, NUL included, so a key is read
+# from both ends.
+_PARTS = {"s": 2, "m": 1, "d": 1, "r": 0, "t": 0}
 
 
 def budget_key(kind: str, tag: str, *parts: int) -> str:
@@ -55,16 +61,17 @@ def budget_key(kind: str, tag: str, *parts: int) -> str:
 
 
 def read_budget_key(raw: bytes) -> tuple[str, str, list[int]]:
-    """(kind, tag, parts) of a `budget-state` key. Raises StateFormatError."""
-    kind, *rest = raw.decode().split(SEP)
-    expected = {"s": 3, "m": 2, "d": 2, "r": 1, "t": 1}.get(kind)
-    if expected is None or len(rest) != expected:
-        raise StateFormatError(f"not a budget-state key: {raw[:80]!r}")
+    """(kind, tag, parts) of a `budget-state` key, exactly as `budget_key` wrote it. Raises
+    StateFormatError."""
     try:
-        return kind, rest[0], [int(part) for part in rest[1:]]
-    except ValueError as exc:
+        kind, *rest = raw.decode().split(SEP)
+    except UnicodeDecodeError as exc:
         raise StateFormatError(f"not a budget-state key: {raw[:80]!r}") from exc
-
-
-def tag_of_key(raw: bytes) -> str:
-    return raw.decode().split(SEP)[1]
+    count = _PARTS.get(kind)
+    if count is None or len(rest) < count + 1:
+        raise StateFormatError(f"not a budget-state key: {raw[:80]!r}")
+    split = len(rest) - count
+    tag, parts = SEP.join(rest[:split]), rest[split:]
+    if not all(part.isascii() and part.isdigit() and str(int(part)) == part for part in parts):
+        raise StateFormatError(f"not a budget-state key: {raw[:80]!r}")
+    return kind, tag, [int(part) for part in parts]

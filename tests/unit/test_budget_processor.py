@@ -8,11 +8,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
+import pytest
 
 from ledger.budgets import DAY_MS, HistoryPolicy
+from processors import metrics
 from processors.budgets import BudgetProcessor, BudgetStore
 from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.bundles import budget_message, spend_messages, state_messages, tag_partition
+from schemas.state import read_budget_key
 
 NOW = int(datetime(2026, 3, 2, 12, tzinfo=UTC).timestamp() * 1000)
 PARTITIONS = 4
@@ -127,3 +130,71 @@ def test_a_batch_the_store_cannot_read_is_rejected_rather_than_stopping_the_agen
     broken = orjson.dumps({"type": "state", "entries": [["s\x00team:f\x00x", '{"p": 0}']]})
     h.apply([Message(b"team:f", broken)])
     assert [reason.split(":")[0] for _, _, reason in h.rejected] == ["cannot load restored state"]
+
+
+def budgeted(tag: str) -> Harness:
+    """A store with one budgeted tag: $1 a day, $0.6 spent (event e1)."""
+    h = Harness()
+    h.apply([definition(tag, "1"), *spend({tag: [("e1", NOW, Decimal("0.6"))]})])
+    assert not h.rejected
+    return h
+
+
+UNREADABLE = {
+    "a whole-second key of before parts": (b"s\x00team:old\x001772452800000", b'{"a":"0.1","i":["x"],"p":0}'),
+    "a newer version": (b"m\x00team:new\x0029540880", b'{"a":"0.1","p":0,"v":2}'),
+    "a version that is not an integer": (b"m\x00team:new\x0029540880", b'{"a":"0.1","p":0,"v":true}'),
+    "a number written otherwise": (b"m\x00team:new\x00 29540880", b'{"a":"0.1","p":0}'),
+    "a key that is not UTF-8": (b"m\x00team:\xff\x0029540880", b'{"a":"0.1","p":0}'),
+    "a status missing its fields": (b"t\x00team:new", b'{"p":0}'),
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+def test_one_unreadable_key_is_left_aside_and_every_other_budget_is_rebuilt(name: str) -> None:
+    """faust swallows an error in a table's recovery callback: a rebuild that stopped at one key would
+    leave every budget after it unenforced, and its next write would destroy their state."""
+    key, value = UNREADABLE[name]
+    worker = Harness({key: value, **budgeted("team:a").data})
+    before = metrics.STATE_UNREADABLE.labels("budget-state")._value.get()
+    worker.processor.rebuild(set(range(PARTITIONS)))
+    assert metrics.STATE_UNREADABLE.labels("budget-state")._value.get() == before + 1
+    signals, _ = worker.apply(spend({"team:a": [("e1", NOW, Decimal("0.6")), ("e2", NOW, Decimal("0.6"))]}))
+    assert [(s.tag, s.blocked, s.spend_usd) for s in signals] == [("team:a", True, Decimal("1.2"))]
+    assert worker.data[key] == value  # kept as it was, for a person to look at
+
+
+def test_a_tag_holding_a_nul_is_stored_under_keys_that_read_back() -> None:
+    h = Harness()
+    h.apply(
+        [definition("model:evil\x00model", "1"), *spend({"model:evil\x00model": [("n1", NOW, Decimal("2"))]})]
+    )
+    assert not h.rejected and h.data
+    assert {read_budget_key(key)[1] for key in h.data} == {"model:evil\x00model"}
+    again = Harness(dict(h.data))
+    again.processor.rebuild(set(range(PARTITIONS)))
+    assert again.processor.store.accounts["model:evil\x00model"].status.blocked
+
+
+def test_a_restored_state_message_that_cannot_be_read_is_rejected_alone_before_any_of_it_is_stored() -> None:
+    source = budgeted("team:r")
+    stored = [(p, k, v) for p, k, v in source.changelog if v is not None and source.data.get(k) == v]
+    restored = [Message(k, v, p) for k, v, p in state_messages(stored)]
+    bad_entries = [["m\x00team:q\x0029540880", '{"a": "1", "p": 0}'], ["x\x00team:q", '{"p": 0}']]
+    bad = Message(b"team:q", orjson.dumps({"type": "state", "entries": bad_entries}))
+    h = Harness()
+    other = spend({"team:z": [("z1", NOW, Decimal("0.1"))]})
+    signals, _ = h.apply(
+        [
+            *restored,
+            bad,
+            *other,
+            *spend({"team:r": [("e1", NOW, Decimal("0.6")), ("e2", NOW, Decimal("0.6"))]}),
+        ]
+    )
+    assert [(key, reason.split(":")[0]) for _, key, reason in h.rejected] == [
+        (b"team:q", "cannot load restored state")
+    ]
+    assert [(s.tag, s.blocked) for s in signals] == [("team:r", True)]  # the good state was loaded
+    assert not any(b"team:q" in key for key in h.data)
+    assert "z1" in h.processor.store.accounts["team:z"].history.seen

@@ -91,3 +91,15 @@ def test_over_its_whole_life_the_timer_looks_at_a_joined_call_at_most_twice() ->
             state.apply(key, on_tick(current, now_ms=now_ms, timeouts=T), current.partition)
     assert state.table.data == {}
     assert looked_at <= 2 * 2_000  # its request's timeout (an outdated entry) and its marker's end
+
+
+def test_an_unreadable_state_is_left_aside_and_the_others_still_time_out() -> None:
+    state, _ = make_state()
+    for n in range(3):
+        call = PendingCall(partition=0, first_seen_ms=0, request=event("request", f"r{n}"))
+        state.table.data[f"r{n}".encode()] = dump_state(call.__dict__)
+    state.table.data[b"r1"] = b'{"partition":0,"first_seen_ms":0,"v":2}'
+    state.rebuild({0})
+    assert state.pending == {b"r0", b"r2"}
+    assert sorted(k for k, _ in state.due(60_000)) == [b"r0", b"r2"]
+    assert state.table.data[b"r1"] == b'{"partition":0,"first_seen_ms":0,"v":2}'
