@@ -49,7 +49,7 @@ from ingest.sql import QueryEngine, QueryGate, QueryLimits
 from ledger.scopes import SCOPES, ApiKey, Binding, Permission, allows, scopes_allowed, valid_tag_pattern
 from schemas.events import EventBatch, RawEvent
 from spendledger.platform.errors import BrokerUnavailable
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Metrics:
 class Services:
     """What the API needs from the outside world; swapped for twins in tests."""
 
-    settings: Settings
+    settings: ApiSettings
     publisher: EventPublisher
     queries: QueryEngine | None = None
     on_shutdown: list[Callable[[], None]] = field(default_factory=list)

@@ -38,7 +38,7 @@ from ingest.sql_guard import PRIVATE_TABLES, Statement, check_explained, check_q
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 
 if TYPE_CHECKING:
-    from spendledger.platform.settings import Settings
+    from spendledger.platform.settings import ApiSettings
 
 # ClickHouse error codes that mean "a limit was hit", with what the caller can do about it.
 _LIMITS = {
@@ -58,7 +58,7 @@ class QueryLimits:
     max_result_bytes: int = 16 * 1024**2
 
     @classmethod
-    def of(cls, settings: Settings) -> QueryLimits:
+    def of(cls, settings: ApiSettings) -> QueryLimits:
         return cls(
             settings.sql_max_rows,
             settings.sql_max_seconds,

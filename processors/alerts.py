@@ -48,7 +48,7 @@ from schemas.alerts import (
     slack_body,
 )
 from schemas.budgets import BudgetAlert
-from spendledger.platform.settings import AlertDestination, Settings
+from spendledger.platform.settings import AlertDestination, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class RetryPolicy:
     deadline_s: float = 30.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
+    def from_settings(cls, settings: WorkerSettings) -> RetryPolicy:
         return cls(
             attempts=settings.alert_delivery_attempts,
             timeout_s=settings.alert_delivery_timeout_s,
@@ -335,7 +335,7 @@ def http_client(policy: RetryPolicy) -> httpx.AsyncClient:
     )
 
 
-def install_alert_delivery(app: faust.App, settings: Settings) -> None:
+def install_alert_delivery(app: faust.App, settings: WorkerSettings) -> None:
     """The alert-delivery agent (see the module docstring). It has its own outbox: its flush waits for
     its delivery log only, not for the ledger's or the budgets' outputs."""
     # httpx logs every request's URL at INFO, and a webhook's URL is its key.

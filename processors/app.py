@@ -34,7 +34,7 @@ from processors.messages import Output, Rejecter, Source
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition
 from schemas.bundles import budget_message
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def shorten_fetch_wait(max_wait_ms: int) -> None:
     aiokafka.AIOKafkaConsumer = Consumer
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: WorkerSettings) -> faust.App:
     topics = settings.topics
     shorten_fetch_wait(settings.worker_fetch_wait_ms)
     rebalance.install(settings.kafka_config())
@@ -260,12 +260,12 @@ def assigned_partitions(app: faust.App, topic: str) -> set[int]:
     return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
 
 
-def state_table(app: faust.App, settings: Settings, name: str, help: str) -> Any:
+def state_table(app: faust.App, settings: WorkerSettings, name: str, help: str) -> Any:
     """A changelog-backed table of raw bytes, written explicitly by its agent (see JoinState)."""
     return app.Table(name, partitions=settings.topic_partitions, key_type=bytes, value_type=bytes, help=help)
 
 
-def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> None:
+def install_budgets(app: faust.App, settings: WorkerSettings, watch: StallWatch) -> None:
     """The budget agents: definitions forwarded into tag-spend, the per-tag accounts, the window timer.
 
     They have their own outbox: a flush waits for everything queued in its producer, and with one
@@ -325,7 +325,7 @@ def install_budgets(app: faust.App, settings: Settings, watch: StallWatch) -> No
             await outbox.flush()
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: WorkerSettings) -> None:
     """Run one Faust worker in the foreground until SIGINT/SIGTERM."""
     from faust.worker import Worker
 

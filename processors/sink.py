@@ -56,7 +56,7 @@ from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.events import MAX_ID_CHARS
 from schemas.records import AttributedRecord, Reject
 from schemas.topics import Topics
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import SinkSettings
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ class Sink:
     # Why the sink is not landing (for readiness), None while it is; set by `_flush_with_retry`.
     stuck_reason: str | None = None
 
-    def __init__(self, settings: Settings, store: LedgerStore) -> None:
+    def __init__(self, settings: SinkSettings, store: LedgerStore) -> None:
         self.settings = settings
         self.store = store
         self.consumer_group = settings.topics.sink_group

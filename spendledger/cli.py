@@ -17,10 +17,24 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from spendledger.platform.errors import SpendLedgerError
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import (
+    ApiSettings,
+    CommonSettings,
+    Settings,
+    SinkSettings,
+    WorkerSettings,
+)
 
 DEFAULT_DATA_DIR = Path(".spendledger")
 RUNNING_FILE = "api-url"  # written by `up`, read by `sql` to find the running API
+
+# A server process reads the settings of its own class, and so checks only its own variables; the
+# other commands read every one (`up` checks them all before it starts any process).
+SERVER_SETTINGS: dict[str, type[CommonSettings]] = {
+    "api": ApiSettings,
+    "worker": WorkerSettings,
+    "sink": SinkSettings,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        settings = Settings()
+        settings = SERVER_SETTINGS.get(args.command, Settings)()
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
@@ -100,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     from spendledger.platform.logs import configure
 
     configure(settings.log_level)
-    if args.command in ("api", "worker", "sink"):
+    if args.command in SERVER_SETTINGS:
         from spendledger.platform.runtime import tune_gc
 
         tune_gc(settings.gc_thresholds)
     try:
+        if not isinstance(settings, Settings):  # api, worker, sink
+            serve(settings)
+            return 0
         if args.command == "up":
             return cmd_up(args)
         if args.command == "sql":
@@ -113,19 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args, settings)
         if args.command == "keys":
             return cmd_keys(args, settings)
-        if args.command == "api":
-            from spendledger.services import run_api
-
-            run_api(settings)
-        elif args.command == "worker":
-            from processors.app import run_worker
-
-            run_worker(settings)
-        elif args.command == "sink":
-            from spendledger.services import run_sink
-
-            run_sink(settings)
-        elif args.command == "restore":
+        if args.command == "restore":
             from spendledger.platform.clickhouse import connect, migrate
             from spendledger.restore import restore
 
@@ -145,6 +150,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def serve(settings: CommonSettings) -> None:
+    """Run the server process these settings are for (SERVER_SETTINGS)."""
+    if isinstance(settings, ApiSettings):  # before SinkSettings, which the API's include
+        from spendledger.services import run_api
+
+        run_api(settings)
+    elif isinstance(settings, WorkerSettings):
+        from processors.app import run_worker
+
+        run_worker(settings)
+    elif isinstance(settings, SinkSettings):
+        from spendledger.services import run_sink
+
+        run_sink(settings)
+    else:
+        raise TypeError(f"no server process reads {type(settings).__name__}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:

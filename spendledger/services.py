@@ -12,12 +12,12 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spendledger.platform.clickhouse import connect, migrate
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import ApiSettings, CommonSettings, SinkSettings
 
 log = logging.getLogger(__name__)
 
 
-def build_sink(settings: Settings) -> Any:
+def build_sink(settings: SinkSettings) -> Any:
     from processors.sink import ClickHouseStore, Sink
 
     client = connect(settings)
@@ -26,7 +26,7 @@ def build_sink(settings: Settings) -> Any:
     return Sink(settings, ClickHouseStore(client))
 
 
-def build_query_engine(settings: Settings, client: Any | None = None) -> Any:
+def build_query_engine(settings: ApiSettings, client: Any | None = None) -> Any:
     """The /v1/sql engine: `client` (or a new one) answers the health check; each SQL thread opens a
     connection of its own, as the analyst user against a server. Against a server without the analyst
     user's password it runs no SQL (503 saying so): the main user may write."""
@@ -50,7 +50,7 @@ def build_query_engine(settings: Settings, client: Any | None = None) -> Any:
     )
 
 
-def run_api(settings: Settings) -> None:
+def run_api(settings: ApiSettings) -> None:
     """Serve the API with uvicorn. With `CLICKHOUSE_RELAY` (the embedded system) it lends its chDB engine
     to the sink's process (chDB allows one process per data dir); with `EMBEDDED_SINK` it runs the sink
     as a thread of its own instead.
@@ -158,7 +158,12 @@ class JournalPruner:
     for sure only after the kernel's writeback (30 s by default) has run."""
 
     def __init__(
-        self, journal: Any, client: Any, settings: Settings, interval_s: float = 30.0, settle_s: float = 60.0
+        self,
+        journal: Any,
+        client: Any,
+        settings: CommonSettings,
+        interval_s: float = 30.0,
+        settle_s: float = 60.0,
     ) -> None:
         self.journal = journal
         self.client = client
@@ -202,7 +207,7 @@ class JournalPruner:
             log.info("journal pruned", extra={"segments": len(due)})
 
 
-def build_budget_services(settings: Settings) -> Any:
+def build_budget_services(settings: ApiSettings) -> Any:
     """The API's views of `spend.budgets` and `spend.budget-blocks`, started, and its spend reader."""
     from zoneinfo import ZoneInfo
 
@@ -236,7 +241,7 @@ def build_budget_services(settings: Settings) -> Any:
     )
 
 
-def run_sink(settings: Settings) -> None:
+def run_sink(settings: SinkSettings) -> None:
     """The standalone sink, with /healthz, /readyz and /metrics on `sink_port`."""
     import signal
 

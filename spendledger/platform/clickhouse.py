@@ -10,12 +10,12 @@ import clickhouse_connect
 
 from schemas.clickhouse import migrations
 from spendledger.platform.errors import StorageUnavailable
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import ApiSettings, ClickHouseSettings
 
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings, *, create_database: bool = True) -> Any:
+def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Any:
     """A clickhouse-connect client bound to the ledger's database.
 
     `chdb://DIR` opens the embedded engine: only ONE process may open DIR. `relay://…` reaches the engine
@@ -35,7 +35,7 @@ def connect(settings: Settings, *, create_database: bool = True) -> Any:
         raise StorageUnavailable(f"cannot open ClickHouse: {_describe(exc)}") from exc
 
 
-def connect_analyst(settings: Settings) -> Any:
+def connect_analyst(settings: ApiSettings) -> Any:
     """A client for /v1/sql: in server mode as the analyst user (`analyst_statements`), embedded as the
     engine's one user (chDB has no users: the guard, readonly=1 and the limits are the whole fence)."""
     dsn = settings.clickhouse_dsn.get_secret_value()
@@ -58,7 +58,7 @@ def connect_analyst(settings: Settings) -> Any:
         ) from exc
 
 
-def analyst_statements(settings: Settings, private_tables: frozenset[str]) -> list[str]:
+def analyst_statements(settings: ApiSettings, private_tables: frozenset[str]) -> list[str]:
     """The ClickHouse user /v1/sql runs as in server mode: SELECT on the ledger's database (but its
     private tables) and nothing else, in a settings profile with readonly=1 and the API's limits
     (readonly=1 also means the user may change no setting: the profile is where the limits live).
@@ -91,7 +91,7 @@ def analyst_statements(settings: Settings, private_tables: frozenset[str]) -> li
     ]
 
 
-def migrate_analyst(client: Any, settings: Settings, private_tables: frozenset[str]) -> bool:
+def migrate_analyst(client: Any, settings: ApiSettings, private_tables: frozenset[str]) -> bool:
     """Create or update the analyst user in server mode; False where there is none to make (embedded,
     or no password set)."""
     if settings.is_embedded_clickhouse or settings.clickhouse_analyst_password is None:

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from spendledger.platform.errors import BrokerUnavailable, StartupError
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,9 @@ def fetched_end_offsets(
     return ends
 
 
-def consumer_lag(settings: Settings, groups: dict[str, list[str]], timeout_s: float = 10.0) -> dict[str, int]:
+def consumer_lag(
+    settings: CommonSettings, groups: dict[str, list[str]], timeout_s: float = 10.0
+) -> dict[str, int]:
     """Messages each topic holds past its group's committed offset, by topic (groups: id -> topics)."""
     admin = AdminClient(settings.kafka_config())
     metadata = admin.list_topics(timeout=timeout_s).topics
@@ -203,7 +205,7 @@ def consumer_lag(settings: Settings, groups: dict[str, list[str]], timeout_s: fl
     return lag
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 15.0) -> list[str]:
+def ensure_topics(settings: CommonSettings, timeout_s: float = 15.0) -> list[str]:
     """Create every topic that does not exist yet. Returns the ones created."""
     admin = AdminClient(settings.kafka_config())
     try:
