@@ -12,10 +12,11 @@ than all the ledger work of an event.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,26 @@ def shorten_fetch_wait(max_wait_ms: int) -> None:
 
 
 def create_app(settings: WorkerSettings) -> faust.App:
-    topics = settings.topics
+    """The worker: the ledger agent, the budget agents, alert delivery, and the web pages."""
     shorten_fetch_wait(settings.worker_fetch_wait_ms)
     rebalance.install(settings.kafka_config())
+    app = faust_app(settings)
+    rebalance.hold_cleared(app)
+    topics = settings.topics
+    watch = StallWatch(app, [topics.raw, topics.budgets, topics.tag_spend], settings.worker_stall_timeout_s)
+    install_ledger(app, settings, watch)
+    install_budgets(app, settings, watch)
+    install_alert_delivery(app, settings)
+    install_pages(app, watch)
+    return app
+
+
+def faust_app(settings: WorkerSettings) -> faust.App:
     optional: dict[str, Any] = {}
     if settings.worker_data_dir is not None:
         optional["datadir"] = str(settings.worker_data_dir)
-    app = faust.App(
-        topics.faust_app_id,
+    return faust.App(
+        settings.topics.faust_app_id,
         broker="kafka://" + settings.kafka_bootstrap.replace(",", ";"),
         store="memory://",
         key_serializer="raw",
@@ -95,7 +108,11 @@ def create_app(settings: WorkerSettings) -> faust.App:
         web_in_thread=False,
         **optional,
     )
-    rebalance.hold_cleared(app)
+
+
+def install_ledger(app: faust.App, settings: WorkerSettings, watch: StallWatch) -> None:
+    """The ledger agent (spend.raw -> LedgerStep -> spend.attributed, spend.tag-spend) and its join timer."""
+    topics = settings.topics
     raw_topic = app.topic(topics.raw, partitions=settings.topic_partitions)
     outbox = Outbox(settings.kafka_config())
     pending_calls = state_table(app, settings, "pending-calls", "Join state per request_id")
@@ -110,7 +127,6 @@ def create_app(settings: WorkerSettings) -> faust.App:
         max_events=settings.batch_max_events,
         max_future_skew_s=settings.max_future_skew_s,
     )
-    watch = StallWatch(app, [topics.raw, topics.budgets, topics.tag_spend], settings.worker_stall_timeout_s)
 
     @app.agent(raw_topic, concurrency=1)
     async def ledger(stream: Any) -> None:
@@ -123,6 +139,7 @@ def create_app(settings: WorkerSettings) -> faust.App:
             metrics.BATCH_SECONDS.labels("ledger").observe(time.perf_counter() - started)
 
     @pending_calls.on_recover
+    @fatal_on_error
     async def index_join_state() -> None:
         partitions = assigned_partitions(app, topics.raw)
         state.rebuild(partitions)
@@ -134,9 +151,8 @@ def create_app(settings: WorkerSettings) -> faust.App:
         send(outbox, step.sweep(now_ms(), assigned_partitions(app, topics.raw)))
         await outbox.flush()
 
-    install_budgets(app, settings, watch)
-    install_alert_delivery(app, settings)
 
+def install_pages(app: faust.App, watch: StallWatch) -> None:
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
@@ -151,7 +167,21 @@ def create_app(settings: WorkerSettings) -> faust.App:
         # aiohttp refuses a charset inside `content_type`: the full header goes in as a header.
         return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    return app
+
+def fatal_on_error(callback: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """A table's recovery callback that ends the worker when it fails: faust-streaming runs these
+    through `asyncio.wait` and never looks at their errors, so a failed rebuild would otherwise go on
+    unseen, with state missing. A fresh worker (`up`'s supervisor, or an orchestrator) recovers again."""
+
+    @functools.wraps(callback)
+    async def run() -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("%s failed; exiting for a fresh worker", callback.__name__)
+            os._exit(70)
+
+    return run
 
 
 class StallWatch:
@@ -284,6 +314,7 @@ def install_budgets(app: faust.App, settings: WorkerSettings, watch: StallWatch)
         return assigned_partitions(app, topics.tag_spend)
 
     @table.on_recover
+    @fatal_on_error
     async def rebuild() -> None:
         processor.rebuild(assigned())
         await outbox.flush()

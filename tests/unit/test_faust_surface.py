@@ -344,3 +344,41 @@ async def test_a_real_consumer_reads_end_offsets_by_fetching(
     monkeypatch.setattr(rebalance, "_fetch_config", {"bootstrap.servers": "127.0.0.1:9"})
     monkeypatch.setattr(rebalance, "fetched_end_offsets", fetched)
     assert await consumer.highwaters(TP) == {TP: 12}  # listed: 10
+
+
+def test_faust_swallows_a_recovery_callbacks_error_so_ours_end_the_worker(monkeypatch: Any) -> None:
+    """faust-streaming runs a table's `on_recover` callbacks with `asyncio.wait` and never reads their
+    errors: a failed rebuild would go on unseen. `fatal_on_error` (on both of the worker's) exits."""
+    import asyncio
+    from unittest import mock
+
+    import faust
+
+    from processors import app as worker_app
+
+    exits: list[int] = []
+    monkeypatch.setattr(worker_app.os, "_exit", exits.append)
+
+    async def main() -> list[str]:
+        app = faust.App("surface-recover", broker="kafka://127.0.0.1:9", store="memory://")
+        table = app.Table("state", partitions=1, key_type=bytes, value_type=bytes)
+        calls: list[str] = []
+
+        @table.on_recover
+        async def bare() -> None:
+            calls.append("bare")
+            raise ValueError("unreadable")
+
+        @table.on_recover
+        @worker_app.fatal_on_error
+        async def wrapped() -> None:
+            calls.append("wrapped")
+            raise ValueError("unreadable")
+
+        app._consumer = mock.MagicMock()  # not contacted before the callbacks
+        app.consumer_generation_id = 1  # returns right after the callbacks (generation 0 != 1)
+        await app.tables.recovery.on_recovery_completed(0)  # raises nothing: faust dropped both errors
+        return calls
+
+    assert sorted(asyncio.run(main())) == ["bare", "wrapped"]
+    assert exits == [70]  # only the wrapped callback ended the worker
