@@ -46,3 +46,17 @@ def test_every_setting_named_is_a_real_setting():
 def test_dockerfile_installs_the_cli():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["spendledger"]' in dockerfile and "pip install" in dockerfile
+
+
+def test_each_server_listens_beyond_its_container_on_the_host_its_own_settings_read():
+    """Its /metrics and /healthz must be reachable from the other containers (Prometheus, probes)."""
+    from spendledger.platform.settings import ApiSettings, SinkSettings, WorkerSettings
+
+    services = load()["services"]
+    for name, settings, host in (
+        ("ingest", ApiSettings, "api_host"),
+        ("processors", WorkerSettings, "worker_web_host"),
+        ("sink", SinkSettings, "api_host"),
+    ):
+        assert host in settings.model_fields, (name, host)
+        assert services[name]["environment"][f"SPENDLEDGER_{host.upper()}"] == "0.0.0.0", name
