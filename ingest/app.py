@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.analytics import ReportStore
 from ingest.analytics import create_router as create_analytics_router
-from ingest.budgets import BudgetServices, canonical_tag, create_router
+from ingest.budget_desk import BudgetServices, canonical_tag
+from ingest.budgets import create_router
 from ingest.errors import (
     FRAMEWORK_CODES,
     ApiError,

@@ -211,7 +211,7 @@ def build_budget_services(settings: ApiSettings) -> Any:
     """The API's views of `spend.budgets` and `spend.budget-blocks`, started, and its spend reader."""
     from zoneinfo import ZoneInfo
 
-    from ingest.budgets import BudgetServices
+    from ingest.budget_desk import BudgetServices
     from ingest.sql import ClickHouseSpendReader
     from ledger.pricing import PriceBook, parse_price_overrides
     from schemas.budgets import BudgetDefinition

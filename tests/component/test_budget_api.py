@@ -10,7 +10,7 @@ import pytest
 from httpx import ASGITransport, AsyncClient
 
 from ingest.app import Services, create_app
-from ingest.budgets import BudgetServices
+from ingest.budget_desk import BudgetServices
 from ingest.exact import dumps_exact
 from ingest.publisher import InMemoryPublisher
 from ledger.tags import AttributionPolicy

@@ -17,7 +17,7 @@ import pytest
 from httpx import ASGITransport, AsyncClient
 
 from ingest.app import Services, create_app
-from ingest.budgets import (
+from ingest.budget_desk import (
     BudgetDesk,
     BudgetServices,
     CheckRequest,

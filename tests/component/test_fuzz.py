@@ -23,7 +23,7 @@ from schemathesis import GenerationMode
 
 from ingest.analytics import ClickHouseReports
 from ingest.app import Services, create_app
-from ingest.budgets import BudgetServices, SpendWindow
+from ingest.budget_desk import BudgetServices, SpendWindow
 from ingest.keys import MemoryKeyStore
 from ingest.publisher import InMemoryPublisher
 from ingest.sql import ClickHouseQueryEngine
