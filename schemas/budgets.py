@@ -1,5 +1,6 @@
-"""Budget wire contracts (DESIGN §6-7): definitions on `spend.budgets`, spend deltas on
-`spend.tag-spend`, block state on `spend.budget-blocks`, alerts on `spend.budget-alerts`.
+"""Budget wire contracts (DESIGN §6-7): definitions on `spend.budgets` (forwarded into `spend.tag-spend`
+as `TagSpend`; the spend bundles there are in schemas.bundles), block state on `spend.budget-blocks`,
+alerts on `spend.budget-alerts`.
 
 Money is Decimal USD, sent as a JSON string so no digit is lost; times are ISO-8601 UTC.
 """
