@@ -126,7 +126,7 @@ class AttributionPolicy:
     max_user_id_chars: int = 256
     max_metadata_keys: int = 100
     max_metadata_value_chars: int = 1024
-    user_id_hmac_key: bytes | None = None
+    user_id_hmac_key: bytes | None = field(default=None, repr=False)  # a secret: never in a repr
 
 
 @dataclass

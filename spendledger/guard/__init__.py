@@ -54,8 +54,8 @@ class GuardSettings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:19092"
     topic_prefix: str = ""
     kafka_security: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism (JSON)"
-    )
+        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism (JSON)", repr=False
+    )  # (it may hold sasl.password: never in a repr)
     user_id_hmac_key: SecretStr | None = Field(
         default=None, description="the server's key for user-id pseudonyms, so `user:` budgets match"
     )

@@ -89,8 +89,8 @@ class CommonSettings(BaseSettings):
     topic_partitions: int = Field(default=4, ge=1, le=256)
     kafka_replication_factor: int = Field(default=1, ge=1)
     kafka_security: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism"
-    )
+        default_factory=dict, description="extra librdkafka settings, e.g. sasl.mechanism", repr=False
+    )  # (it may hold sasl.password: never in a repr)
 
     # Consumer-group timeouts, the worker's (Faust) and the sink's (joins take ~30 s with the defaults
     # against Tansu; ~3 s with these).

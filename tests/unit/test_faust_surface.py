@@ -361,7 +361,10 @@ def test_faust_swallows_a_recovery_callbacks_error_so_ours_end_the_worker(monkey
 
     async def main() -> list[str]:
         app = faust.App("surface-recover", broker="kafka://127.0.0.1:9", store="memory://")
+        # One callback a table, as in the worker: faust runs a table's callbacks one after the other,
+        # and the first to raise would stop the rest.
         table = app.Table("state", partitions=1, key_type=bytes, value_type=bytes)
+        other = app.Table("other-state", partitions=1, key_type=bytes, value_type=bytes)
         calls: list[str] = []
 
         @table.on_recover
@@ -369,7 +372,7 @@ def test_faust_swallows_a_recovery_callbacks_error_so_ours_end_the_worker(monkey
             calls.append("bare")
             raise ValueError("unreadable")
 
-        @table.on_recover
+        @other.on_recover
         @worker_app.fatal_on_error
         async def wrapped() -> None:
             calls.append("wrapped")
