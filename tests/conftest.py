@@ -5,7 +5,9 @@ ClickHouse in-process gets its own *database* in one session-wide directory.
 """
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,3 +35,13 @@ def clickhouse(chdb_dsn: str) -> Iterator[Callable[..., Any]]:
         return client
 
     yield open_database
+
+
+@pytest.fixture
+def no_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No SPENDLEDGER_* variable and no `.env` in the working directory: each test sets its own."""
+    for name in list(os.environ):
+        if name.upper().startswith("SPENDLEDGER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -3,7 +3,6 @@ server's defaults: a gateway's guard reads the server's budget-block topic with 
 options and normalizes tags with the server's policy, without importing the server's settings."""
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ SAMPLES = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("no_settings")
+
+
 def what_the_guard_gets(settings: Any) -> tuple[dict[str, Any], str, Any]:
     """Everything a guard is built from: the Kafka client's configuration, the topic, the tag policy."""
     return settings.kafka_config(), settings.topics.budget_blocks, settings.attribution_policy()
@@ -59,16 +61,6 @@ def server_fields_a_guard_reads() -> set[str]:
         | fields_read(Settings.attribution_policy)
         | fields_read(lambda s: Settings.topics.fget(s))  # type: ignore[attr-defined]
     )
-
-
-@pytest.fixture(autouse=True)
-def no_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No SPENDLEDGER_* variable and no `.env` in the working directory: each test sets its own."""
-    for name in list(os.environ):
-        if name.upper().startswith("SPENDLEDGER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture

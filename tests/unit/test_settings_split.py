@@ -2,7 +2,6 @@
 `ApiSettings`, the worker `WorkerSettings`, the sink `SinkSettings`; `Settings` holds them all for the
 entry points. Every class reads the same variables as `Settings`, with its defaults and its checks."""
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +110,11 @@ SAMPLES = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("no_settings")
+
+
 def fields(cls: type[CommonSettings]) -> set[str]:
     return set(cls.model_fields)
-
-
-@pytest.fixture(autouse=True)
-def no_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No SPENDLEDGER_* variable and no `.env` in the working directory: each test sets its own."""
-    for name in list(os.environ):
-        if name.upper().startswith("SPENDLEDGER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def set_samples(monkeypatch: pytest.MonkeyPatch) -> None:
