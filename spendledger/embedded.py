@@ -21,7 +21,7 @@ import httpx
 
 from spendledger.platform.errors import StartupError
 from spendledger.platform.kafka import consumer_lag, ensure_topics, port_open, start_tansu
-from spendledger.platform.settings import Settings
+from spendledger.platform.settings import Settings, settings_in
 from spendledger.supervisor import RestartPolicy
 
 ENV = "SPENDLEDGER_"
@@ -158,7 +158,7 @@ class EmbeddedSystem:
 
     def settings(self) -> Settings:
         """The settings the children run with."""
-        return Settings.model_validate(_settings_from(self.child_env))
+        return settings_in(self.child_env)
 
     def _restore(self) -> None:
         """`spendledger restore` in a process of its own (chDB allows one process per data dir)."""
@@ -396,7 +396,3 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _settings_from(env: dict[str, str]) -> dict[str, str]:
-    return {k[len(ENV) :].lower(): v for k, v in env.items() if k.startswith(ENV)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from ledger.budgets import HistoryPolicy
 from ledger.join import JoinTimeouts
@@ -437,6 +438,25 @@ class Settings(WorkerSettings, ApiSettings):
     worker_processes: int = Field(
         default=1, ge=1, le=64, description="Faust workers `spendledger up` starts (one consumer group)"
     )
+
+
+def settings_in(env: Mapping[str, str]) -> Settings:
+    """The settings a process started with this environment reads (no `.env`), decoded as pydantic-settings
+    decodes its own environment: JSON values (`KAFKA_SECURITY`, `GC_THRESHOLDS`) included."""
+
+    class Given(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            # (what pydantic-settings reads from os.environ; tests/unit/test_embedded_settings.py holds it)
+            return {name if self.case_sensitive else name.lower(): value for name, value in env.items()}
+
+    class InEnv(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], *_: Any, **__: Any
+        ) -> tuple[Any, ...]:
+            return (Given(settings_cls),)
+
+    return InEnv()
 
 
 def _split(keys: SecretStr) -> list[str]:

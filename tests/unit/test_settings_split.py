@@ -304,3 +304,35 @@ def test_each_server_command_reads_its_own_settings(
     assert [type(settings) for settings in ran] == [PROCESSES[command]]
     assert ran[0].topic_prefix == "staging-"
     assert cli.main(["migrate"]) == 2  # Settings: every variable
+
+
+def test_up_reads_its_childrens_environment_as_each_child_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` knows its children's settings from the environment it hands them (`settings_in`): every
+    variable decoded as a child decodes it, JSON values included (`Settings.model_validate` of the raw
+    strings refused KAFKA_SECURITY and GC_THRESHOLDS, so `up` could not start with either set)."""
+    from spendledger.platform.settings import settings_in
+
+    env = {f"SPENDLEDGER_{field.upper()}": value for field, value in SAMPLES.items()}
+    set_samples(monkeypatch)
+    child = Settings()
+    given = settings_in({**env, "PATH": "/bin", "spendledger_max_tags": "9"})
+    assert given.model_dump() == {**child.model_dump(), "max_tags": 9}  # names read as a child reads them
+    assert given.kafka_config() == child.kafka_config() and given.gc_thresholds == child.gc_thresholds
+    from pydantic_settings import SettingsError
+
+    monkeypatch.setenv("SPENDLEDGER_KAFKA_SECURITY", "not json")
+    for read in (Settings, lambda: settings_in({"SPENDLEDGER_KAFKA_SECURITY": "not json"})):
+        with pytest.raises(SettingsError, match="kafka_security"):  # refused alike
+            read()
+
+
+def test_the_embedded_system_reads_json_settings_from_the_environment_it_hands_its_children(
+    tmp_path: Path,
+) -> None:
+    from spendledger.embedded import EmbeddedSystem
+
+    env = {"SPENDLEDGER_KAFKA_SECURITY": '{"client.id": "ledger"}', "SPENDLEDGER_GC_THRESHOLDS": "[1000,5,5]"}
+    system = EmbeddedSystem(data_dir=tmp_path, say=lambda _: None)
+    system.child_env = env  # as `start` leaves it (with its broker's and data dir's settings added)
+    settings = system.settings()
+    assert settings.kafka_config()["client.id"] == "ledger" and settings.gc_thresholds == (1000, 5, 5)
