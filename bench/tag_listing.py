@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 
 from common import machine
 
-from ingest.sql import ClickHouseSpendReader, tag_slices
-from spendledger.platform.clickhouse import connect, migrate
+from ingest.sql import ClickHouseSpendReader
+from spendledger.platform.clickhouse import connect, migrate, quoted_slices
 from spendledger.platform.settings import ClickHouseSettings
 
 MONTH = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
@@ -57,7 +57,7 @@ def main() -> None:
         single = {window: reader.spend(*window) for window in windows[:100]}
         one_s = (time.perf_counter() - started) / 100
         assert all(grouped[window] == value for window, value in single.items())
-        queries = len(tag_slices([tag for tag, _start, _end in windows]))
+        queries = len(quoted_slices([tag for tag, _start, _end in windows]))
         print(
             f"rows={args.rows:,} budgets={budgets:,}: grouped {min(runs):.3f} s in {queries} queries; "
             f"one by one {one_s * 1000:.1f} ms each, {one_s * budgets:.1f} s for all"

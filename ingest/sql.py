@@ -36,6 +36,7 @@ import orjson
 from ingest.errors import ApiError, InvalidQuery, QueryLimitExceeded, RateLimited, StorageUnavailableError
 from ingest.sql_guard import PRIVATE_TABLES, Statement, check_explained, check_query
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
+from spendledger.platform.clickhouse import quoted_slices
 
 if TYPE_CHECKING:
     from spendledger.platform.settings import ApiSettings
@@ -308,7 +309,7 @@ class ClickHouseSpendReader:
         distinct = list(dict.fromkeys(windows))
         spans = list(dict.fromkeys((start, end) for _tag, start, end in distinct))
         sums: dict[tuple[str, int], Decimal] = {}
-        for tags in tag_slices(sorted({tag for tag, _start, _end in distinct})):
+        for tags in quoted_slices(sorted({tag for tag, _start, _end in distinct})):
             sql, parameters = spends_query(tags, spans)
             try:
                 result = self._client.query(sql, parameters=parameters)
@@ -328,26 +329,6 @@ class ClickHouseSpendReader:
         except Exception as exc:
             raise _translate(exc) from exc
         return str(result.result_rows[0][0]) if result.result_rows else ""
-
-
-# Characters of quoted tags per grouped query: the client writes bound values into the query's text,
-# and ClickHouse refuses a query over max_query_size (256 KiB by default).
-MAX_TAG_CHARS = 150_000
-
-
-def tag_slices(tags: list[str], max_chars: int = MAX_TAG_CHARS) -> list[list[str]]:
-    """The tags in slices whose quoted text (every character escaped, at worst) fits `max_chars`."""
-    slices: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for tag in tags:
-        cost = 2 * len(tag.encode()) + 4
-        if current and size + cost > max_chars:
-            slices.append(current)
-            current, size = [], 0
-        current.append(tag)
-        size += cost
-    return [*slices, current] if current else slices
 
 
 def spends_query(

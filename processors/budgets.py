@@ -138,7 +138,8 @@ class BudgetStore:
             if self.data.pop(raw_key, None) is not None:
                 self.send(partition, raw_key, None)
             return
-        raw = dump_state({**value, "p": partition})
+        value["p"] = partition
+        raw = dump_state(value)
         self.data[raw_key] = raw
         self.send(partition, raw_key, raw)
 
@@ -249,14 +250,25 @@ class BudgetStore:
             account.pending = value["pending"]
         return False
 
-    def load(self, entries: list[tuple[bytes, bytes]], partitions: set[int]) -> None:
-        """Store keys and values as they were (a restore's `state` messages), then rebuild the accounts.
-        Call it between batches: accounts not yet persisted would be rebuilt without their changes."""
+    @staticmethod
+    def check(entries: list[tuple[bytes, bytes]]) -> list[tuple[bytes, dict[str, Any]]]:
+        """Stored keys and values (a restore's `state` message) read, each value's fields with its
+        partition. Raises StateFormatError before any is stored."""
+        checked = []
         for key, value in entries:
-            fields = load_state(value)
             read_budget_key(key)
+            fields = load_state(value)
+            if not isinstance(fields.get("p"), int):
+                raise StateFormatError(f"stored state of {key[:80]!r} has no partition")
+            checked.append((key, fields))
+        return checked
+
+    def load(self, checked: list[tuple[bytes, dict[str, Any]]], partitions: set[int]) -> None:
+        """Store what `check` read, as it was, then rebuild the accounts. Call it between batches:
+        accounts not yet persisted would be rebuilt without their changes."""
+        for key, fields in checked:
             self.data[key] = dump_state(fields)
-            self.send(int(fields["p"]), key, self.data[key])
+            self.send(fields["p"], key, self.data[key])
         self.rebuild(partitions)
 
     def forget_idle(self, now_ms: int, partitions: set[int]) -> int:
@@ -390,17 +402,13 @@ class BudgetProcessor:
         for message in messages:
             try:
                 found = read_state(message.value)
-                for key, value in found or ():
-                    read_budget_key(key)
-                    if not isinstance(load_state(value).get("p"), int):
-                        raise StateFormatError(f"stored state of {key[:80]!r} has no partition")
+                if found is not None:
+                    entries += self.store.check(found)
             except Exception as exc:
                 self.reject("budgets", message, f"cannot load restored state: {describe(exc)}")
                 continue
             if found is None:
                 rest.append(message)
-            else:
-                entries += found
         if entries:
             self.store.load(entries, partitions)
             log.info(

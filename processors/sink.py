@@ -56,6 +56,7 @@ from schemas.budgets import BlockSignal, BudgetAlert, BudgetDefinition
 from schemas.events import MAX_ID_CHARS
 from schemas.records import AttributedRecord, Reject
 from schemas.topics import Topics
+from spendledger.platform.clickhouse import quoted_slices
 from spendledger.platform.settings import SinkSettings
 
 log = logging.getLogger(__name__)
@@ -384,26 +385,6 @@ def _delivery_row(a: DeliveryAttempt) -> list[Any]:
     ]  # fmt: skip
 
 
-# Characters of ids per lookup query: ClickHouse refuses a query over 256 KiB (`max_query_size`).
-LOOKUP_CHARS = 200_000
-
-
-def id_slices(ids: list[str]) -> list[tuple[str, ...]]:
-    """The ids in groups whose quoted list stays under LOOKUP_CHARS."""
-    out: list[tuple[str, ...]] = []
-    group: list[str] = []
-    size = 0
-    for one in ids:
-        if group and size + len(one) + 4 > LOOKUP_CHARS:
-            out.append(tuple(group))
-            group, size = [], 0
-        group.append(one)
-        size += len(one) + 4  # quotes, comma and space; an escaped quote is rare
-    if group:
-        out.append(tuple(group))
-    return out
-
-
 class ClickHouseStore:
     """LedgerStore on ClickHouse (server or chDB) through clickhouse-connect."""
 
@@ -420,7 +401,7 @@ class ClickHouseStore:
 
     def existing_event_ids(self, event_ids: list[str], start: datetime, end: datetime) -> set[str]:
         found = set()
-        for ids in id_slices(event_ids):
+        for ids in quoted_slices(event_ids):
             result = self._client.query(
                 "SELECT event_id FROM spend_records WHERE occurred_at >= %(start)s AND occurred_at <= %(end)s "
                 "AND event_id IN %(ids)s",
@@ -438,7 +419,7 @@ class ClickHouseStore:
     def _existing(self, table: str, column: str, wanted: list[str]) -> set[str]:
         """Which of these ids `table` already holds in `column` (fixed names, bound ids)."""
         found = set()
-        for ids in id_slices(wanted):
+        for ids in quoted_slices(wanted):
             result = self._client.query(
                 f"SELECT {column} FROM {table} WHERE {column} IN %(ids)s",  # noqa: S608
                 parameters={"ids": ids},

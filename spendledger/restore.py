@@ -48,12 +48,12 @@ from ledger.budgets import (
     rule_of,
 )
 from processors.budgets import BudgetStore, block_signal
-from processors.sink import id_slices
 from schemas.budgets import BudgetDefinition
 from schemas.bundles import raw_messages, state_messages, tag_partition
 from schemas.clickhouse import BUDGET_KEYS_SQL, SPEND_TIME_SQL
 from schemas.times import from_ms
 from schemas.topics import Topics
+from spendledger.platform.clickhouse import quoted_slices
 from spendledger.platform.errors import StartupError
 from spendledger.platform.journal import is_whole, read_segment, remove, segments, set_aside, write_segment
 from spendledger.platform.settings import Settings
@@ -128,7 +128,7 @@ def settled_events(client: Any, events: list[dict[str, Any]], topics: Topics) ->
     end = max(times, default=datetime(2299, 1, 1, tzinfo=UTC)) + _SETTLE_MARGIN
     landed: set[tuple[str, str]] = set()  # (request_id, event_id) of records
     rejected: set[str] = set()
-    for ids in id_slices(list({e["request_id"] for e in events})):
+    for ids in quoted_slices(list({e["request_id"] for e in events})):
         params = {"ids": ids, "topics": (topics.raw, topics.attributed), "start": start, "end": end}
         landed |= {
             (r, e)
@@ -175,7 +175,7 @@ def _event_time(event: dict[str, Any]) -> datetime | None:
 def unlanded_budgets(client: Any, changes: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes | None]]:
     """The budget changes `tag_budgets` does not show yet (a definition at least as new, or a deletion)."""
     latest: dict[str, tuple[datetime, bool]] = {}
-    for tags in id_slices([key.decode() for key in changes]):
+    for tags in quoted_slices([key.decode() for key in changes]):
         for tag, updated, deleted in client.query(
             "SELECT tag, max(updated_at), argMax(deleted, updated_at) FROM tag_budgets "
             "WHERE tag IN %(tags)s GROUP BY tag",

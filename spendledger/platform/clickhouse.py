@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import clickhouse_connect
@@ -13,6 +14,27 @@ from spendledger.platform.errors import StorageUnavailable
 from spendledger.platform.settings import ApiSettings, ClickHouseSettings
 
 log = logging.getLogger(__name__)
+
+
+# Bytes of bound values one query may hold: clickhouse-connect writes them into the query's text, and
+# ClickHouse refuses a query over max_query_size (256 KiB by default).
+QUERY_VALUES_BYTES = 200_000
+_ESCAPED = "\\'\t\n`"  # what the client escapes with a backslash
+
+
+def quoted_slices(values: Iterable[str], max_bytes: int = QUERY_VALUES_BYTES) -> list[tuple[str, ...]]:
+    """The values in groups whose list, as the client writes it into a query, stays under `max_bytes`."""
+    slices: list[tuple[str, ...]] = []
+    group: list[str] = []
+    size = 0
+    for value in values:
+        cost = len(value.encode()) + sum(value.count(c) for c in _ESCAPED) + 4  # quotes, comma, space
+        if group and size + cost > max_bytes:
+            slices.append(tuple(group))
+            group, size = [], 0
+        group.append(value)
+        size += cost
+    return [*slices, tuple(group)] if group else slices
 
 
 def connect(settings: ClickHouseSettings, *, create_database: bool = True) -> Any:

@@ -365,11 +365,11 @@ def test_a_listing_of_ten_thousand_long_tags_is_read_in_slices_that_fit_a_query(
     one query for 10,000 budgets failed (a 400 for /tag/list)."""
     from clickhouse_connect.driver.binding import finalize_query
 
-    from ingest.sql import tag_slices
+    from spendledger.platform.clickhouse import quoted_slices
 
     tags = sorted({f"team:budget-{n:05d}-{chr(0x4E00 + n % 500) * 60}'" for n in range(10_000)})
     assert len(finalize_query(*spends_query(tags, [DAY, MONTH])).encode()) > 256 * 1024  # as one query
-    slices = tag_slices(tags)
+    slices = quoted_slices(tags)
     assert [t for part in slices for t in part] == tags and len(slices) > 1
     for part in slices:
         sql, parameters = spends_query(part, [DAY, MONTH])

@@ -98,7 +98,9 @@ def test_the_rebuilt_state_reaches_the_budget_agent_as_messages_and_loads_as_it_
     }
     changelog: list[tuple[int, bytes, bytes | None]] = []
     agent = BudgetStore({}, lambda p, k, v: changelog.append((p, k, v)), POLICY)
-    agent.load([entry for _, value, _ in messages for entry in read_state(value) or []], {0, 1, 2, 3})
+    agent.load(
+        agent.check([entry for _, value, _ in messages for entry in read_state(value) or []]), {0, 1, 2, 3}
+    )
 
     a, b = agent.accounts["team:a"], agent.accounts["team:b"]
     assert a.status == accounts["team:a"].status and a.rule == accounts["team:a"].rule
