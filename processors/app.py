@@ -30,8 +30,8 @@ from processors import metrics, rebalance
 from processors.alerts import install_alert_delivery
 from processors.budgets import BudgetProcessor, BudgetStore
 from processors.deadletter import dead_letter, describe
-from processors.ledger_step import ChangelogSend, JoinState, LedgerStep
-from processors.messages import Output, Rejecter, Source
+from processors.ledger_step import JoinState, LedgerStep
+from processors.messages import ChangelogSend, Output, Rejecter, Source
 from processors.outbox import Outbox
 from schemas.budgets import BudgetDefinition
 from schemas.bundles import budget_message

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +33,7 @@ from ledger.budgets import (
 )
 from processors import metrics
 from processors.deadletter import describe
-from processors.messages import Output, Rejecter, Source
+from processors.messages import ChangelogSend, Output, Rejecter, Source
 from schemas.budgets import BlockChange, BlockSignal, BudgetAlert, BudgetDefinition, TagSpend
 from schemas.bundles import read_state, read_tag_spend
 from schemas.state import StateFormatError, budget_key, dump_state, load_state, read_budget_key
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # Characters of event ids in one stored part of a second bucket: well under Kafka's default 1 MiB.
 MAX_PART_ID_CHARS = 256 * 1024
-
-Send = Callable[[int, bytes, bytes | None], None]  # a changelog write: partition, key, value (None: delete)
 
 
 def block_signal(
@@ -101,7 +99,9 @@ def budget_alert(alert: Alert, now_ms: int, definition: BudgetDefinition | None 
 class BudgetStore:
     """Accounts by tag, mirrored into a key/value table (`data`) with a changelog (`send`)."""
 
-    def __init__(self, data: MutableMapping[bytes, bytes], send: Send, policy: HistoryPolicy) -> None:
+    def __init__(
+        self, data: MutableMapping[bytes, bytes], send: ChangelogSend, policy: HistoryPolicy
+    ) -> None:
         self.data = data
         self.send = send
         self.policy = policy

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -17,7 +17,7 @@ from ledger.budgets import budget_keys, spend_time
 from ledger.join import JoinedCall, JoinStep, JoinTimeouts, PendingCall, next_tick_ms, on_event, on_tick
 from processors import metrics
 from processors.deadletter import describe
-from processors.messages import Output, Rejecter, Source
+from processors.messages import ChangelogSend, Output, Rejecter, Source
 from schemas.bundles import SpendItem, bundled_events, spend_messages
 from schemas.events import DECODED_BY_ORJSON, RawEvent, time_bounds
 from schemas.records import AttributedRecord
@@ -26,8 +26,6 @@ from schemas.times import from_ms, to_ms
 from schemas.topics import Topics
 
 log = logging.getLogger(__name__)
-
-ChangelogSend = Callable[[int, bytes, bytes | None], None]
 
 
 def read_pending(raw: bytes) -> PendingCall:

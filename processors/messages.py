@@ -32,3 +32,6 @@ class Output(NamedTuple):
 
 # Dead-letters an input that cannot be processed: reject(stage, source, reason).
 Rejecter = Callable[[str, Source, str], None]
+
+# Writes a changelog-backed table's changelog: send(partition, key, value), value None deleting the key.
+ChangelogSend = Callable[[int, bytes, bytes | None], None]
